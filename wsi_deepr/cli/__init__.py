@@ -1,0 +1,92 @@
+"""Command-line interface: a thin layer over the library API.
+
+Each sub-command lives in a module of its own in this package and imports the heavy
+libraries (torch, onnxruntime, dask) only when it runs, so ``wsi-deepr --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from wsi_deepr import __version__
+from wsi_deepr.errors import WsiDeeprError
+
+LOG = logging.getLogger("wsi_deepr")
+
+
+class _Group(click.Group):
+    """Resolves sub-commands lazily: ``name -> module wsi_deepr.cli.<module>:<attr>``."""
+
+    lazy: dict[str, tuple[str, str]] = {
+        "run": ("run", "run"),
+        "info": ("info", "info"),
+        "demo": ("demo", "demo"),
+        "train": ("train", "train"),
+        "export": ("export", "export"),
+        "evaluate": ("evaluate", "evaluate"),
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            import importlib
+
+            module_name, attr = self.lazy[cmd_name]
+            try:
+                module = importlib.import_module(f"wsi_deepr.cli.{module_name}")
+            except ModuleNotFoundError as exc:
+                if exc.name == f"wsi_deepr.cli.{module_name}":
+                    return None
+                raise
+            command: click.Command = getattr(module, attr)
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="wsi-deepr")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logging.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
+    """wsi-deepr: bring out-of-focus microscopy images back into focus (Deep-R)."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="wsi-deepr: %(message)s", stream=sys.stderr)
+    LOG.setLevel(level)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``wsi-deepr`` command.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when omitted.
+    """
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args
+    try:
+        cli.main(args=args, prog_name="wsi-deepr", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("wsi-deepr: aborted", err=True)
+        sys.exit(130)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except WsiDeeprError as exc:
+        if debug:
+            raise
+        click.echo(f"wsi-deepr: error: {exc.one_line()}", err=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("wsi-deepr: interrupted", err=True)
+        sys.exit(130)
