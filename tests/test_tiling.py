@@ -1,0 +1,114 @@
+"""Tile grid and blending window: coverage, partition of unity, identity round trip."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from wsi_deepr.errors import OptionError
+from wsi_deepr.refocus import default_chunk_px, refocus_array
+from wsi_deepr.tiling import TileGrid, plan_tiles
+
+
+@st.composite
+def grids(draw: st.DrawFn) -> tuple[TileGrid, int]:
+    tile_px = draw(st.integers(2, 96))
+    overlap_px = draw(st.integers(0, (tile_px - 1) // 2))
+    extent_px = draw(st.integers(1, 700))
+    return TileGrid(tile_px, overlap_px), extent_px
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids())
+def test_tiles_cover_every_pixel_and_weights_sum_to_exactly_one(case: tuple[TileGrid, int]):
+    grid, extent_px = case
+    origins = grid.origins(extent_px)
+    weights = grid.weights(extent_px)
+    tile_len = grid.tile_len(extent_px)
+    covered = np.zeros(extent_px, dtype=int)
+    total = np.zeros(extent_px, dtype=np.float32)
+    for origin, weight in zip(origins, weights, strict=True):
+        covered[origin : origin + tile_len] += 1
+        total[origin : origin + tile_len] += weight
+    assert origins[0] == 0 and origins[-1] + tile_len == extent_px
+    assert np.all(np.diff(origins) > 0)
+    assert covered.min() >= 1
+    # neighbours overlap by at least overlap_px (where the axis allows it)
+    assert np.all(origins[:-1] + tile_len - origins[1:] >= grid.overlap_px)
+    assert np.all(total == 1.0)
+    assert weights.dtype == np.float32 and weights.min() >= 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), st.integers(1, 700))
+def test_2d_weights_sum_to_exactly_one(case: tuple[TileGrid, int], width: int):
+    grid, height = case
+    plan = plan_tiles((height, width), grid)
+    tile_h, tile_w = plan.tile_hw
+    total = np.zeros((height, width), dtype=np.float32)
+    for oy, wy in zip(plan.origins_y, plan.weights_y, strict=True):
+        for ox, wx in zip(plan.origins_x, plan.weights_x, strict=True):
+            total[oy : oy + tile_h, ox : ox + tile_w] += wy[:, None] * wx[None, :]
+    assert np.all(total == 1.0)
+
+
+def test_edge_tiles_have_no_ramp_toward_the_outside():
+    weights = TileGrid(64, 16).weights(300)
+    assert weights[0][0] == 1.0 and weights[-1][-1] == 1.0
+    assert weights[0][-1] == 0.0  # the margin facing the neighbour
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(8, 64).flatmap(
+        lambda t: st.tuples(
+            st.just(t),
+            st.integers(0, (t - 1) // 2),
+            st.integers(1, 150),
+            st.integers(1, 150),
+            st.integers(1, 3),
+        )
+    ),
+    st.integers(0, 2**32 - 1),
+)
+def test_identity_model_reproduces_the_input_bit_for_bit(case, seed):
+    tile_px, overlap_px, height, width, channels = case
+    grid = TileGrid(tile_px, overlap_px)
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (channels, height, width), dtype=np.uint8)
+    mask = rng.random((max(1, height // 10), max(1, width // 10))) > 0.5
+    plan = plan_tiles((height, width), grid, mask=mask, mask_downsample=10)
+    chunk_px = default_chunk_px(grid, target_px=int(rng.integers(1, 100)))
+    out = refocus_array(
+        da.from_array(image, chunks=(channels, 37, 41)),
+        plan,
+        lambda batch: batch.copy(),
+        mean=rng.uniform(0, 255, channels),
+        std=rng.uniform(1, 100, channels),
+        chunk_px=chunk_px,
+        batch_size=3,
+    )
+    assert out.chunks[1][0] == min(chunk_px, height)
+    np.testing.assert_array_equal(out.compute(scheduler="sync"), image)
+
+
+def test_tissue_plan_marks_tiles_touching_the_mask():
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[0, 0] = True  # level pixels 0..99 x 0..99
+    plan = plan_tiles((1000, 1000), TileGrid(200, 40), mask=mask, mask_downsample=100)
+    assert plan.tissue[0, 0] and plan.tissue.sum() == 1
+    assert plan.n_run == 1 and plan.n_skipped == plan.n_tiles - 1
+
+
+@pytest.mark.parametrize(("tile_px", "overlap_px"), [(512, 256), (512, 300), (0, 0), (16, -1)])
+def test_contradicting_options_are_refused(tile_px, overlap_px):
+    with pytest.raises(OptionError):
+        TileGrid(tile_px, overlap_px)
+
+
+def test_tile_below_the_network_minimum_is_refused():
+    with pytest.raises(OptionError, match="minimum"):
+        TileGrid(8, 2).check_model(min_tile_px=16)

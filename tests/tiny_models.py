@@ -1,0 +1,66 @@
+"""Tiny ONNX models made with ``onnx.helper``, for tests of the inference path.
+
+Each writes ``<name>.onnx`` with a dynamic ``(n, c, y, x)`` input and, optionally, card keys
+as ``metadata_props`` (JSON-encoded values, as the exporter writes them).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+BLUR_3X3 = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], dtype=np.float32) / 16.0
+"""The fixed kernel of :func:`make_blur_model`."""
+
+
+def _save(path: Path, nodes: list, channels: int | None, *, initializers=(), metadata=None) -> Path:
+    dims: list[Any] = ["n", channels if channels else "c", "y", "x"]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)
+    graph = helper.make_graph(nodes, path.stem, [x], [y], initializer=list(initializers))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in (metadata or {}).items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, json.dumps(value)
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_identity_model(path: str | Path, *, channels: int | None = 3, metadata=None) -> Path:
+    """``output = input``."""
+    return _save(
+        Path(path),
+        [helper.make_node("Identity", ["input"], ["output"])],
+        channels,
+        metadata=metadata,
+    )
+
+
+def make_blur_model(path: str | Path, *, channels: int = 3, metadata=None) -> Path:
+    """A depthwise 3x3 convolution with :data:`BLUR_3X3`, zero padding of one pixel."""
+    weight = np.broadcast_to(BLUR_3X3, (channels, 1, 3, 3)).astype(np.float32)
+    node = helper.make_node(
+        "Conv", ["input", "w"], ["output"], group=channels, pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+    )
+    return _save(
+        Path(path),
+        [node],
+        channels,
+        initializers=[numpy_helper.from_array(weight, "w")],
+        metadata=metadata,
+    )
+
+
+def make_scale_model(path: str | Path, *, factor: float = 2.0, channels: int = 1) -> Path:
+    """``output = factor x input``: shows which values went through the model."""
+    const = numpy_helper.from_array(np.array(factor, dtype=np.float32), "k")
+    node = helper.make_node("Mul", ["input", "k"], ["output"])
+    return _save(Path(path), [node], channels, initializers=[const])

@@ -1,0 +1,265 @@
+"""ONNX Runtime sessions: execution providers, one cached session per worker, prediction.
+
+Sessions are never put into a Dask graph (they cannot be pickled). A :class:`Predictor`
+holds only the model path and settings; each worker process creates the session on first
+use and keeps it in this module's cache, so it lives as long as the worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from wsi_deepr.errors import ModelError, OptionError
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+LOG = logging.getLogger("wsi_deepr")
+
+Device = Literal["auto", "cpu", "cuda", "tensorrt"]
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "tensorrt")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+_PROVIDER_OF_DEVICE = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+
+_SESSIONS: dict[tuple[str, str, int], ort.InferenceSession] = {}
+_SESSIONS_LOCK = threading.Lock()
+_PROBED: dict[str, bool] = {}
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _provider_chain(provider: str) -> list[str]:
+    """Providers to pass to a session, the wanted one first and the CPU last."""
+    if provider == TENSORRT:
+        return [TENSORRT, CUDA, CPU]
+    if provider == CUDA:
+        return [CUDA, CPU]
+    return [CPU]
+
+
+def _probe_model_bytes() -> bytes:
+    """A one-node Identity model, enough to see whether a provider loads."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, 4, 4])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def provider_loads(provider: str) -> bool:
+    """Whether a session with ``provider`` first really runs on it.
+
+    onnxruntime-gpu lists CUDA and TensorRT even where their libraries are missing and
+    then silently falls back to the CPU, so availability is probed with a tiny model.
+    """
+    if provider == CPU:
+        return True
+    if provider in _PROBED:
+        return _PROBED[provider]
+    import onnxruntime as ort
+
+    ok = False
+    if provider in ort.get_available_providers():
+        options = ort.SessionOptions()
+        options.log_severity_level = 4
+        ort.set_default_logger_severity(4)  # the failed load logs two loud errors
+        try:
+            # ORT prints its fallback ("EP Error ...") with print(): keep it off the console.
+            with contextlib.redirect_stdout(io.StringIO()):
+                session = ort.InferenceSession(
+                    _probe_model_bytes(), options, providers=_provider_chain(provider)
+                )
+            ok = session.get_providers()[0] == provider
+        except Exception as exc:  # any failure to load means "not usable"
+            LOG.debug("probe of %s failed: %s", provider, exc)
+        finally:
+            ort.set_default_logger_severity(2)
+    _PROBED[provider] = ok
+    return ok
+
+
+def select_provider(device: str) -> str:
+    """Execution provider for ``--device``.
+
+    Parameters
+    ----------
+    device : {"auto", "cpu", "cuda", "tensorrt"}
+        ``auto`` takes TensorRT, then CUDA, when a probe session really loads them, and
+        otherwise logs one line that it uses the CPU.
+
+    Returns
+    -------
+    str
+        The ONNX Runtime provider name.
+
+    Raises
+    ------
+    OptionError
+        Unknown device.
+    ModelError
+        ``cuda`` or ``tensorrt`` asked for explicitly but not loadable here.
+    """
+    if device not in DEVICES:
+        raise OptionError("--device", f"must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        for provider in (TENSORRT, CUDA):
+            if provider_loads(provider):
+                LOG.info("device auto: using %s", provider)
+                return provider
+        LOG.warning("device auto: no usable GPU provider (CUDA/TensorRT) loads; using the CPU")
+        return CPU
+    provider = _PROVIDER_OF_DEVICE[device]
+    if not provider_loads(provider):
+        raise ModelError(
+            f"--device {device}",
+            f"ONNX Runtime cannot load {provider} on this machine",
+            hint="use --device auto or --device cpu",
+        )
+    return provider
+
+
+def get_session(model_path: str | Path, provider: str, threads: int) -> ort.InferenceSession:
+    """The cached session of this worker process for a model, provider and thread count.
+
+    Raises
+    ------
+    ModelError
+        The file is not a loadable ONNX model.
+    """
+    key = (str(model_path), provider, int(threads))
+    session = _SESSIONS.get(key)
+    if session is not None:
+        return session
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(key)
+        if session is None:
+            session = _create_session(key[0], provider, key[2])
+            _SESSIONS[key] = session
+    return session
+
+
+def _create_session(model_path: str, provider: str, threads: int) -> ort.InferenceSession:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_path, options, providers=_provider_chain(provider))
+    except Exception as exc:  # ORT raises its own unrelated types for every load failure
+        raise ModelError(model_path, f"cannot load the ONNX model: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1][:300] if text else type(exc).__name__
+
+
+def clear_sessions() -> None:
+    """Drop the sessions cached in this process (tests, or to free GPU memory)."""
+    with _SESSIONS_LOCK:
+        _SESSIONS.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class Predictor:
+    """Runs batches of normalised tiles through a model; picklable, holds no session."""
+
+    model_path: str
+    """The ONNX file."""
+    provider: str
+    """ONNX Runtime execution provider, e.g. ``"CPUExecutionProvider"``."""
+    threads: int
+    """``intra_op_num_threads`` of the session."""
+    input_name: str
+    """Name of the model's input tensor."""
+    output_name: str
+    """Name of the model's output tensor."""
+    in_channels: int
+    """Channels the model takes; 1 with a multichannel slide runs channel by channel."""
+    size_multiple: int = 1
+    """Height and width are padded (reflect) to a multiple of this and cropped back."""
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """Predict a batch.
+
+        Parameters
+        ----------
+        batch : ndarray of shape (n, c, h, w), float32
+            Normalised tiles.
+
+        Returns
+        -------
+        ndarray of shape (n, c, h, w), float32
+        """
+        n, c, h, w = batch.shape
+        if c != self.in_channels:
+            if self.in_channels != 1:
+                raise ModelError(
+                    self.model_path,
+                    f"the model takes {self.in_channels} channels, the slide has {c}",
+                )
+            # A one-channel model sees every channel as its own image.
+            return self(batch.reshape(n * c, 1, h, w)).reshape(n, c, h, w)
+        pad_h, pad_w = (-h) % self.size_multiple, (-w) % self.size_multiple
+        x = np.ascontiguousarray(batch, dtype=np.float32)
+        if pad_h or pad_w:
+            mode = "reflect" if min(h, w) > 1 else "edge"
+            x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode=mode)  # type: ignore[call-overload]
+        session = get_session(self.model_path, self.provider, self.threads)
+        try:
+            (y,) = session.run([self.output_name], {self.input_name: x})
+        except Exception as exc:  # ORT's runtime errors have no common public base
+            raise ModelError(self.model_path, f"inference failed: {_first_line(exc)}") from exc
+        y = np.asarray(y, dtype=np.float32)
+        if y.ndim != 4 or y.shape[0] != x.shape[0] or y.shape[1] != x.shape[1]:
+            raise ModelError(
+                self.model_path, f"output shape {y.shape} does not match input {x.shape}"
+            )
+        if y.shape[2] < h or y.shape[3] < w:
+            raise ModelError(self.model_path, f"output {y.shape} smaller than input {x.shape}")
+        return y[:, :, :h, :w]
+
+
+def plan_threads(*, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:
+    """Dask worker threads and ORT threads per session such that their product fits.
+
+    Parameters
+    ----------
+    workers : int, optional
+        Dask worker threads; by default 2 on up to 8 cores, else 4.
+    cores : int, optional
+        Cores available; detected by default.
+
+    Returns
+    -------
+    (workers, ort_threads) : tuple of int
+    """
+    cores = cores or available_cores()
+    if workers is None:
+        workers = min(cores, 2 if cores <= 8 else 4)
+    workers = max(1, workers)
+    return workers, max(1, cores // workers)

@@ -1,0 +1,285 @@
+"""Where tiles go on a slide level, and how their outputs are blended.
+
+Tiles of ``tile_px`` overlap by at least ``overlap_px``; their outputs are merged with
+weights that form an exact partition of unity: at every pixel the weights of all tiles
+covering it sum to exactly 1 in float32. Each weight is a separable product of two 1-D
+weights, and the 1-D weights are dyadic rationals with 12 fractional bits, so the
+products (24 bits) and their sums are exact in float32. An identity model therefore
+reproduces its input up to the rounding of ``x * w`` alone, which the conversion back to
+an integer dtype (``rint``) removes.
+
+Along each axis a tile's raw weight is 1 in its core, 0 in a margin of ``overlap_px // 4``
+at an edge facing a neighbour (model outputs near a tile edge are the least reliable),
+and a raised-cosine ramp between. An edge at the slide boundary gets no ramp. The raw
+weights are divided by their sum, which keeps the sum at one wherever three tiles overlap
+(short axes, where the last tile is shifted back to end on the slide edge).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from wsi_deepr.errors import OptionError
+
+WEIGHT_BITS = 12
+"""Fractional bits of the 1-D blending weights (products need 2 x 12 <= 24 bits)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TileGrid:
+    """Tile size and overlap along both axes of a slide level."""
+
+    tile_px: int
+    """Edge of one model input, in pixels."""
+    overlap_px: int
+    """Minimum overlap of neighbouring tiles, in pixels (``< tile_px / 2``)."""
+
+    def __post_init__(self) -> None:
+        if self.tile_px < 1:
+            raise OptionError("--tile-px", f"must be at least 1, got {self.tile_px}")
+        if self.overlap_px < 0:
+            raise OptionError("--overlap-px", f"must be >= 0, got {self.overlap_px}")
+        if 2 * self.overlap_px >= self.tile_px:
+            raise OptionError(
+                "--overlap-px",
+                f"{self.overlap_px} px must be less than half the tile ({self.tile_px} px)",
+            )
+
+    @property
+    def stride_px(self) -> int:
+        """Distance between the origins of neighbouring tiles (except the last one)."""
+        return self.tile_px - self.overlap_px
+
+    @property
+    def margin_px(self) -> int:
+        """Pixels at a tile edge facing a neighbour that get zero weight."""
+        return self.overlap_px // 4
+
+    def check_model(self, *, min_tile_px: int) -> None:
+        """Reject a tile smaller than the network accepts.
+
+        Parameters
+        ----------
+        min_tile_px : int
+            The smallest input edge the model gives sensible output for.
+
+        Raises
+        ------
+        OptionError
+            If ``tile_px < min_tile_px``.
+        """
+        if self.tile_px < min_tile_px:
+            raise OptionError(
+                "--tile-px",
+                f"{self.tile_px} px is below the model's minimum of {min_tile_px} px",
+            )
+
+    def tile_len(self, extent_px: int) -> int:
+        """Edge of the tiles along an axis of ``extent_px`` (shorter if the axis is)."""
+        return min(self.tile_px, extent_px)
+
+    def origins(self, extent_px: int) -> np.ndarray:
+        """Tile origins covering ``[0, extent_px)`` along one axis.
+
+        Origins step by :attr:`stride_px`; the last tile is shifted back so that it ends
+        exactly on the edge, so every tile lies inside the slide.
+
+        Parameters
+        ----------
+        extent_px : int
+            Length of the axis in pixels (>= 1).
+
+        Returns
+        -------
+        ndarray of shape (n,), int64
+            Increasing origins; ``origins[-1] + tile_len(extent_px) == extent_px``.
+
+        Examples
+        --------
+        >>> TileGrid(512, 64).origins(1000).tolist()
+        [0, 448, 488]
+        """
+        if extent_px < 1:
+            raise ValueError(f"extent must be >= 1 px, got {extent_px}")
+        if extent_px <= self.tile_px:
+            return np.zeros(1, dtype=np.int64)
+        n = 1 + math.ceil((extent_px - self.tile_px) / self.stride_px)
+        origins = np.arange(n, dtype=np.int64) * self.stride_px
+        origins[-1] = extent_px - self.tile_px
+        return origins
+
+    def weights(self, extent_px: int) -> np.ndarray:
+        """1-D blending weights of every tile along one axis.
+
+        Parameters
+        ----------
+        extent_px : int
+            Length of the axis in pixels.
+
+        Returns
+        -------
+        ndarray of shape (n, tile_len), float32
+            Row ``k`` weighs the output of the tile at ``origins(extent_px)[k]``. Summed
+            over tiles at each pixel of the axis the weights are exactly 1.
+        """
+        origins = self.origins(extent_px)
+        tile_len = self.tile_len(extent_px)
+        n = len(origins)
+        raw = np.ones((n, tile_len), dtype=np.float64)
+        for k in range(n):
+            if k > 0:
+                raw[k] *= _edge_ramp(tile_len, self.overlap_px, self.margin_px)
+            if k < n - 1:
+                raw[k] *= _edge_ramp(tile_len, self.overlap_px, self.margin_px)[::-1]
+        total = np.zeros(extent_px, dtype=np.float64)
+        for k, origin in enumerate(origins):
+            total[origin : origin + tile_len] += raw[k]
+        scale = float(1 << WEIGHT_BITS)
+        quantised = np.floor(raw / np.stack([total[o : o + tile_len] for o in origins]) * scale)
+        # Give each pixel's rounding deficit to the tile with the largest weight there, so
+        # the integer weights sum to exactly 2**WEIGHT_BITS.
+        owner = np.full(extent_px, -1, dtype=np.int64)
+        best = np.full(extent_px, -1.0)
+        acc = np.zeros(extent_px, dtype=np.float64)
+        for k, origin in enumerate(origins):
+            span = slice(origin, origin + tile_len)
+            acc[span] += quantised[k]
+            better = quantised[k] > best[span]
+            owner[span][better] = k
+            best[span][better] = quantised[k][better]
+        deficit = scale - acc
+        for k, origin in enumerate(origins):
+            mine = owner[origin : origin + tile_len] == k
+            quantised[k][mine] += deficit[origin : origin + tile_len][mine]
+        return (quantised / scale).astype(np.float32)
+
+
+def _edge_ramp(tile_len: int, overlap_px: int, margin_px: int) -> np.ndarray:
+    """Raw weight rising from 0 at the leading edge to 1 after ``overlap_px - margin_px``."""
+    ramp = np.ones(tile_len, dtype=np.float64)
+    rise_px = overlap_px - 2 * margin_px
+    if overlap_px == 0:
+        return ramp
+    t = np.arange(tile_len, dtype=np.float64)
+    rising = np.sin(0.5 * np.pi * (t - margin_px + 0.5) / max(rise_px, 1)) ** 2
+    ramp = np.where(t < margin_px, 0.0, np.where(t < margin_px + rise_px, rising, 1.0))
+    return ramp
+
+
+@dataclass(frozen=True, slots=True)
+class TilePlan:
+    """All tiles of one slide level, their weights and whether each touches tissue."""
+
+    grid: TileGrid
+    """Tile size and overlap."""
+    shape_yx: tuple[int, int]
+    """Height and width of the level in pixels."""
+    origins_y: np.ndarray
+    """Row origins of the tile rows, shape ``(ny,)``."""
+    origins_x: np.ndarray
+    """Column origins of the tile columns, shape ``(nx,)``."""
+    weights_y: np.ndarray
+    """1-D weights of the tile rows, shape ``(ny, tile_h)``."""
+    weights_x: np.ndarray
+    """1-D weights of the tile columns, shape ``(nx, tile_w)``."""
+    tissue: np.ndarray
+    """``(ny, nx)`` bool: the tile touches tissue and goes through the model."""
+
+    @property
+    def tile_hw(self) -> tuple[int, int]:
+        """Tile height and width (shorter than ``tile_px`` only on a short axis)."""
+        return int(self.weights_y.shape[1]), int(self.weights_x.shape[1])
+
+    @property
+    def n_tiles(self) -> int:
+        """All tiles of the plan."""
+        return int(self.tissue.size)
+
+    @property
+    def n_run(self) -> int:
+        """Tiles that go through the model."""
+        return int(self.tissue.sum())
+
+    @property
+    def n_skipped(self) -> int:
+        """Background tiles passed through unchanged."""
+        return self.n_tiles - self.n_run
+
+
+def plan_tiles(
+    shape_yx: tuple[int, int],
+    grid: TileGrid,
+    *,
+    mask: np.ndarray | None = None,
+    mask_downsample: float = 1.0,
+) -> TilePlan:
+    """Lay tiles over a slide level and mark those touching tissue.
+
+    Parameters
+    ----------
+    shape_yx : tuple of int
+        Height and width of the level in pixels.
+    grid : TileGrid
+        Tile size and overlap.
+    mask : ndarray of shape (Y', X'), bool, optional
+        Tissue on a low-resolution grid; ``None`` marks every tile as tissue.
+    mask_downsample : float
+        Level pixels per mask pixel along each axis.
+
+    Returns
+    -------
+    TilePlan
+    """
+    height, width = (int(v) for v in shape_yx)
+    origins_y, origins_x = grid.origins(height), grid.origins(width)
+    tile_h, tile_w = grid.tile_len(height), grid.tile_len(width)
+    if mask is None:
+        tissue = np.ones((len(origins_y), len(origins_x)), dtype=bool)
+    else:
+        tissue = _tiles_touching(
+            np.asarray(mask, dtype=bool),
+            mask_downsample,
+            origins_y,
+            origins_x,
+            (tile_h, tile_w),
+        )
+    return TilePlan(
+        grid=grid,
+        shape_yx=(height, width),
+        origins_y=origins_y,
+        origins_x=origins_x,
+        weights_y=grid.weights(height),
+        weights_x=grid.weights(width),
+        tissue=tissue,
+    )
+
+
+def _tiles_touching(
+    mask: np.ndarray,
+    downsample: float,
+    origins_y: np.ndarray,
+    origins_x: np.ndarray,
+    tile_hw: tuple[int, int],
+) -> np.ndarray:
+    """For each tile, whether any mask pixel under its footprint is set."""
+    # Summed-area table: the count of tissue pixels in any rectangle in O(1).
+    table = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = mask.cumsum(0).cumsum(1)
+
+    def bounds(origins: np.ndarray, tile: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip(np.floor(origins / downsample).astype(np.int64), 0, size)
+        hi = np.clip(np.ceil((origins + tile) / downsample).astype(np.int64), 0, size)
+        return lo, np.maximum(hi, np.minimum(lo + 1, size))
+
+    y0, y1 = bounds(origins_y, tile_hw[0], mask.shape[0])
+    x0, x1 = bounds(origins_x, tile_hw[1], mask.shape[1])
+    count = (
+        table[y1[:, None], x1[None, :]]
+        - table[y0[:, None], x1[None, :]]
+        - table[y1[:, None], x0[None, :]]
+        + table[y0[:, None], x0[None, :]]
+    )
+    return count > 0
