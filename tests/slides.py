@@ -155,7 +155,9 @@ def make_tiff_slide(
     rgb = image_cyx.shape[0] == 3 and image_cyx.dtype == np.uint8
 
     def as_written(level: np.ndarray) -> np.ndarray:
-        return np.moveaxis(level, 0, -1) if rgb else level
+        if rgb:
+            return np.moveaxis(level, 0, -1)
+        return level[0] if level.shape[0] == 1 else level
 
     options = {
         "tile": (tile, tile),
@@ -163,7 +165,7 @@ def make_tiff_slide(
         "compression": compression,
         "metadata": None,
     }
-    if not rgb:
+    if not rgb and image_cyx.shape[0] > 1:
         options["planarconfig"] = "separate"
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         if layout == "subifds":

@@ -12,6 +12,8 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,22 @@ _OPEN: dict[tuple[str, int, int], tifffile.TiffFile] = {}
 _OPEN_LOCK = threading.Lock()
 
 
+@contextmanager
+def _quiet_tifffile() -> Iterator[None]:
+    """Silence tifffile's own warnings while parsing: we raise one clear error instead.
+
+    They still show with ``--debug``.
+    """
+    tiff_log = logging.getLogger("tifffile")
+    before = tiff_log.level
+    if not LOG.isEnabledFor(logging.DEBUG):
+        tiff_log.setLevel(logging.ERROR + 1)
+    try:
+        yield
+    finally:
+        tiff_log.setLevel(before)
+
+
 def _tiff(path: str) -> tifffile.TiffFile:
     """The process-wide open handle of a file (reopened when the file changes)."""
     stat = os.stat(path)
@@ -62,7 +80,8 @@ def _tiff(path: str) -> tifffile.TiffFile:
     with _OPEN_LOCK:
         tif = _OPEN.get(key)
         if tif is None:
-            tif = tifffile.TiffFile(path)
+            with _quiet_tifffile():
+                tif = tifffile.TiffFile(path)
             _OPEN[key] = tif
         return tif
 
@@ -286,7 +305,10 @@ def open_tiff(path: str | Path, *, mpp: float | None = None) -> Slide:
     path_str = str(path)
     try:
         tif = _tiff(path_str)
-        all_series = list(tif.series)
+        with _quiet_tifffile():
+            all_series = list(tif.series)
+            for series in all_series:
+                _ = series.levels
     except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError) as exc:
         raise InputError(path_str, f"not a readable TIFF: {exc}") from exc
     if not all_series:
