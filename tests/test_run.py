@@ -1,0 +1,165 @@
+"""``refocus_slide`` and ``wsi-deepr run`` end to end on small real files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from scipy import ndimage
+from slides import make_tiff_slide, synthetic_tissue
+from tiny_models import BLUR_3X3, make_blur_model, make_identity_model
+
+from wsi_deepr.errors import OutputError
+from wsi_deepr.readers import open_slide
+from wsi_deepr.run import refocus_slide
+from wsi_deepr.writer import is_complete
+
+MPP = 0.5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        "identity": make_identity_model(folder / "identity.onnx"),
+        "blur": make_blur_model(folder / "blur.onnx", channels=3),
+    }
+
+
+@pytest.fixture(scope="module")
+def odd_slide(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """An RGB tiled TIFF of 3001 x 2047 px: not a multiple of the tile, with background."""
+    image = synthetic_tissue((3001, 2047), seed=3)
+    image[:, 1900:, :] = 245 + np.random.default_rng(0).integers(0, 8, (3, 1101, 2047))  # glass
+    path = make_tiff_slide(tmp_path_factory.mktemp("slides") / "odd.tif", image, MPP)
+    return path, image
+
+
+def level0(store: Path) -> np.ndarray:
+    group = zarr.open_group(str(store), mode="r")
+    return np.asarray(group["s0"] if "s0" in group else group["0"])
+
+
+@pytest.mark.parametrize("tissue_mask", [True, False])
+def test_identity_model_reproduces_the_slide_bit_for_bit(tmp_path, models, odd_slide, tissue_mask):
+    path, image = odd_slide
+    np.testing.assert_array_equal(
+        open_slide(path).data.compute(), image, err_msg="the reader does not return the file"
+    )
+    report = refocus_slide(
+        path, tmp_path / "out.zarr", model=models["identity"], tissue_mask=tissue_mask
+    )
+    np.testing.assert_array_equal(level0(tmp_path / "out.zarr"), image)
+    assert is_complete(tmp_path / "out.zarr")
+    assert report.tiles_run + report.tiles_skipped == 7 * 5
+    if tissue_mask:
+        assert 0 < report.tiles_skipped < 35
+    else:
+        assert report.tiles_skipped == 0
+    assert report.provider == "CPUExecutionProvider"
+    assert report.s_per_mm2 > 0 and len(report.model_sha256) == 64
+
+
+def test_blur_model_matches_the_whole_image_convolution(tmp_path, models):
+    """Tile and chunk seams are invisible: compare with an independent whole-image blur."""
+    image = synthetic_tissue((700, 530), seed=5, dtype=np.float32)
+    path = make_tiff_slide(tmp_path / "float.tif", image, MPP, pyramid=False)
+    refocus_slide(
+        path,
+        tmp_path / "out.zarr",
+        model=models["blur"],
+        tile_px=128,
+        overlap_px=32,
+        tissue_mask=False,
+        chunk_px=288,  # several chunks: spills cross chunk borders
+    )
+    out = level0(tmp_path / "out.zarr")
+    reference = np.stack([ndimage.correlate(c, BLUR_3X3, mode="constant") for c in image])
+    inner = (slice(None), slice(1, -1), slice(1, -1))
+    np.testing.assert_allclose(out[inner], reference[inner], atol=2e-6)
+
+
+def test_distributed_cluster_gives_the_same_output(tmp_path, models, odd_slide):
+    from distributed import LocalCluster
+
+    path, image = odd_slide
+    with LocalCluster(
+        processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+    ) as cluster:
+        report = refocus_slide(
+            path,
+            tmp_path / "cluster.zarr",
+            model=models["blur"],
+            scheduler=cluster.scheduler_address,
+            chunk_px=896,
+        )
+    refocus_slide(path, tmp_path / "local.zarr", model=models["blur"], chunk_px=896)
+    np.testing.assert_array_equal(
+        level0(tmp_path / "cluster.zarr"), level0(tmp_path / "local.zarr")
+    )
+    assert report.scheduler.startswith("tcp://")
+    assert not np.array_equal(level0(tmp_path / "local.zarr"), image)  # the blur ran
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_existing_output_is_refused_and_left_byte_identical(tmp_path, models, odd_slide):
+    path, _ = odd_slide
+    out = tmp_path / "out.zarr"
+    refocus_slide(path, out, model=models["identity"], ngff="0.4")
+    before = tree_bytes(out)
+    with pytest.raises(OutputError, match="already exists"):
+        refocus_slide(path, out, model=models["identity"])
+    assert tree_bytes(out) == before
+    refocus_slide(path, out, model=models["identity"], overwrite=True)
+    assert is_complete(out)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "wsi_deepr", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_runs_and_prints_one_summary_line(tmp_path, models, odd_slide):
+    path, _ = odd_slide
+    done = cli("run", str(path), str(tmp_path / "out.zarr"), "--model", str(models["identity"]))
+    assert done.returncode == 0, done.stderr
+    assert "s/mm2" in done.stdout and len(done.stdout.strip().splitlines()) == 1
+    assert (tmp_path / "out.zarr" / "report.json").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "subject", "problem"),
+    [
+        (["missing.svs", "{out}"], "missing.svs", ""),
+        (["{slide}", "{out}", "--overlap-px", "256"], "--overlap-px", "less than half"),
+        (["{slide}", "{out}", "--model", "no-such-model"], "no-such-model", "unknown model"),
+        (["{slide}", "{out}", "--model", "{corrupt}"], "corrupt.onnx", "ONNX"),
+        (["{slide}", "{existing}"], "existing.zarr", "already exists"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, odd_slide, args, subject, problem):
+    path, _ = odd_slide
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    existing = tmp_path / "existing.zarr"
+    existing.mkdir()
+    (existing / "zarr.json").write_text("{}")
+    values = {"slide": str(path), "out": str(tmp_path / "out.zarr"), "corrupt": str(corrupt),
+              "existing": str(existing)}  # fmt: skip
+    done = cli("run", *(a.format(**values) for a in args))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("wsi-deepr: error: ") and subject in lines[0]
+    assert problem in lines[0]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "out.zarr").exists()
+    assert (existing / "zarr.json").read_text() == "{}"

@@ -1,0 +1,85 @@
+"""``wsi-deepr run SLIDE OUT.zarr``: refocus a whole slide into an OME-Zarr pyramid."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+LOG = logging.getLogger("wsi_deepr")
+
+
+@click.command("run")
+@click.argument("slide", type=click.Path(dir_okay=True, path_type=str))
+@click.argument("output", type=click.Path(path_type=str))
+@click.option(
+    "--model",
+    "model",
+    metavar="NAME|PATH",
+    default=None,
+    help="Shipped model name or an .onnx file (default: the shipped model for the slide).",
+)
+@click.option("--tile-px", type=click.IntRange(min=1), default=512, show_default=True,
+              help="Model tile edge in pixels.")  # fmt: skip
+@click.option("--overlap-px", type=click.IntRange(min=0), default=64, show_default=True,
+              help="Minimum overlap of neighbouring tiles in pixels (< tile/2).")  # fmt: skip
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
+              default="auto", show_default=True, help="Where the model runs.")  # fmt: skip
+@click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.5", show_default=True,
+              help="OME-Zarr version: 0.5 (zarr v3) or 0.4 (zarr v2, older viewers).")  # fmt: skip
+@click.option("--no-tissue-mask", is_flag=True,
+              help="Send every tile through the model, background included.")  # fmt: skip
+@click.option("--scheduler", metavar="ADDRESS", default=None,
+              help="Run on an existing dask.distributed cluster (tcp://host:port).")  # fmt: skip
+@click.option("--mpp", type=float, default=None,
+              help="Pixel size in micrometres per pixel, overriding the file's.")  # fmt: skip
+@click.option("--strict", is_flag=True,
+              help="Refuse a slide whose pixel size lies outside the model's range.")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Tiles per model call.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
+def run(
+    slide: str,
+    output: str,
+    model: str | None,
+    tile_px: int,
+    overlap_px: int,
+    device: str,
+    ngff: str,
+    no_tissue_mask: bool,
+    scheduler: str | None,
+    mpp: float | None,
+    strict: bool,
+    batch_size: int,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Refocus SLIDE with a Deep-R generator and write the OME-Zarr pyramid OUTPUT.
+
+    Writes OUTPUT/report.json (area, tiles, s/mm2, provider, model) and marks the store
+    complete last; prints one summary line.
+    """
+    from wsi_deepr.run import refocus_slide
+
+    if quiet:
+        LOG.setLevel(max(LOG.level, logging.ERROR))
+    report = refocus_slide(
+        slide,
+        output,
+        model=model,
+        tile_px=tile_px,
+        overlap_px=overlap_px,
+        device=device,
+        ngff=ngff,
+        tissue_mask=not no_tissue_mask,
+        scheduler=scheduler,
+        overwrite=overwrite,
+        mpp=mpp,
+        strict=strict,
+        batch_size=batch_size,
+        progress=not quiet and sys.stderr.isatty(),
+    )
+    if not quiet:
+        click.echo(report.summary())

@@ -1,0 +1,285 @@
+"""Refocus a whole slide into an OME-Zarr pyramid: the library entry behind ``wsi-deepr run``."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import wsi_deepr
+from wsi_deepr.errors import OptionError
+from wsi_deepr.inference import Predictor, get_session, plan_threads, select_provider
+from wsi_deepr.model_registry import resolve_model
+from wsi_deepr.refocus import default_chunk_px, refocus_array
+from wsi_deepr.report import Report
+from wsi_deepr.slide import Slide
+from wsi_deepr.tiling import TileGrid, plan_tiles
+from wsi_deepr.writer import REPORT_NAME, mark_complete, prepare_output, write_pyramid
+
+LOG = logging.getLogger("wsi_deepr")
+
+
+def refocus_slide(
+    input: str | Path | Slide,
+    output: str | Path,
+    *,
+    model: str | Path | None = None,
+    tile_px: int = 512,
+    overlap_px: int = 64,
+    device: str = "auto",
+    ngff: str = "0.5",
+    tissue_mask: bool = True,
+    scheduler: str | Any | None = None,
+    overwrite: bool = False,
+    mpp: float | None = None,
+    strict: bool = False,
+    batch_size: int = 4,
+    chunk_px: int | None = None,
+    workers: int | None = None,
+    progress: bool = False,
+) -> Report:
+    """Refocus a slide with a Deep-R generator and write an OME-Zarr pyramid.
+
+    Parameters
+    ----------
+    input : str or Path or Slide
+        A slide file or store (read with :func:`wsi_deepr.readers.open_slide`) or an
+        already opened :class:`~wsi_deepr.slide.Slide`.
+    output : str or Path
+        The OME-Zarr store to create.
+    model : str or Path, optional
+        A shipped model's name or a path to an ``.onnx`` file; by default the shipped
+        model for the slide's modality.
+    tile_px, overlap_px : int
+        Model tile edge and minimum overlap of neighbouring tiles, in pixels.
+    device : {"auto", "cpu", "cuda", "tensorrt"}
+        Where the model runs.
+    ngff : {"0.5", "0.4"}
+        OME-Zarr version (0.5 on zarr v3, 0.4 on zarr v2).
+    tissue_mask : bool
+        Send only tiles that touch tissue through the model.
+    scheduler : str or distributed.Client, optional
+        Address of a running ``dask.distributed`` scheduler, or a client; the local
+        threaded scheduler by default.
+    overwrite : bool
+        Replace an existing output store.
+    mpp : float, optional
+        Pixel size in micrometres, overriding the file's.
+    strict : bool
+        Refuse a slide whose pixel size lies outside the model card's range.
+    batch_size : int
+        Tiles per model call.
+    chunk_px : int, optional
+        Edge of the output chunks (a multiple of the tile stride near 2048 by default).
+    workers : int, optional
+        Local Dask threads; ONNX Runtime gets ``cores // workers`` threads each.
+    progress : bool
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    Report
+        Also written as ``report.json`` inside the store.
+
+    Raises
+    ------
+    WsiDeeprError
+        Any user-facing problem (input, model, options, output), before anything is
+        written where possible.
+
+    Examples
+    --------
+    >>> report = refocus_slide("slide.svs", "out.zarr", model="model.onnx")  # doctest: +SKIP
+    >>> print(report.summary())  # doctest: +SKIP
+    """
+    started = time.perf_counter()
+    grid = TileGrid(int(tile_px), int(overlap_px))
+    if ngff not in ("0.4", "0.5"):
+        raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
+    out = prepare_output(output, overwrite=overwrite)
+    if isinstance(input, Slide):
+        slide = input
+    else:
+        from wsi_deepr.readers import open_slide
+
+        slide = open_slide(input, mpp=mpp)
+    resolved = resolve_model(model, slide, strict=strict)
+    card = resolved.card
+    grid.check_model(min_tile_px=card.size_multiple)
+    provider = select_provider(device)
+
+    with _scheduler(scheduler, workers) as (compute, scheduler_name, n_workers, ort_threads):
+        predictor = Predictor(
+            model_path=str(resolved.path),
+            provider=provider,
+            threads=ort_threads,
+            input_name=card.input_name,
+            output_name=card.output_name,
+            in_channels=card.in_channels,
+            size_multiple=card.size_multiple,
+        )
+        get_session(predictor.model_path, provider, ort_threads)  # fail early on a bad file
+
+        from wsi_deepr.tissue import intensity_stats
+        from wsi_deepr.tissue import tissue_mask as find_tissue
+
+        mask = np.asarray(find_tissue(slide), dtype=bool)
+        mean, std = intensity_stats(slide, mask)
+        plan = plan_tiles(
+            slide.shape_yx, grid, mask=mask, mask_downsample=slide.thumbnail_downsample
+        )
+        if not tissue_mask:
+            plan = dataclasses.replace(plan, tissue=np.ones_like(plan.tissue))
+        tissue_mm2 = float(mask.mean()) * slide.area_mm2 if mask.size else 0.0
+        prepared_s = time.perf_counter() - started
+        LOG.info(
+            "%s: %d x %d px, %.2f mm2, %d tiles (%d through the model), %s",
+            slide.path, slide.shape_yx[1], slide.shape_yx[0], slide.area_mm2,
+            plan.n_tiles, plan.n_run, provider,
+        )  # fmt: skip
+
+        chunk = chunk_px or default_chunk_px(grid)
+        lazy = refocus_array(
+            slide.data, plan, predictor, mean=mean, std=std, chunk_px=chunk, batch_size=batch_size
+        )
+        parameters = {
+            "model": str(model) if model is not None else None,
+            "tile_px": grid.tile_px,
+            "overlap_px": grid.overlap_px,
+            "device": device,
+            "provider": provider,
+            "ngff": ngff,
+            "tissue_mask": tissue_mask,
+            "scheduler": scheduler_name,
+            "workers": n_workers,
+            "ort_threads": ort_threads,
+            "batch_size": batch_size,
+            "chunk_px": chunk,
+            "mpp": mpp,
+            "strict": strict,
+        }
+        provenance: dict[str, Any] = {
+            "package_version": wsi_deepr.__version__,
+            "model": {"name": card.name, "sha256": resolved.sha256, "path": str(resolved.path)},
+            "parameters": parameters,
+            "input": {
+                "path": str(slide.path),
+                "mpp": slide.mpp,
+                "shape_cyx": list(slide.data.shape),
+                "dtype": str(slide.dtype),
+                "format": slide.format_name,
+                "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+            },
+        }
+        pyramid = write_pyramid(
+            lazy,
+            out,
+            mpp=slide.mpp,
+            channel_names=slide.channel_names,
+            channel_colors=slide.channel_colors,
+            provenance=provenance,
+            ngff=ngff,
+            overwrite=overwrite,
+            compute=_with_progress(compute, progress),
+            name=Path(str(slide.path)).name,
+        )
+
+    seconds = time.perf_counter() - started
+    report = Report(
+        input_path=str(slide.path),
+        output_path=str(out),
+        shape_cyx=(slide.n_channels, *slide.shape_yx),
+        mpp=slide.mpp,
+        area_mm2=slide.area_mm2,
+        tissue_mm2=tissue_mm2,
+        tiles_run=plan.n_run,
+        tiles_skipped=plan.n_skipped,
+        seconds=seconds,
+        model_seconds=pyramid.level0_s,
+        pyramid_seconds=pyramid.pyramid_s,
+        device=device,
+        provider=provider,
+        model_name=card.name,
+        model_sha256=resolved.sha256,
+        tile_px=grid.tile_px,
+        overlap_px=grid.overlap_px,
+        workers=n_workers,
+        ort_threads=ort_threads,
+        scheduler=scheduler_name,
+        extra={"levels": [list(s) for s in pyramid.level_shapes], "chunk_px": chunk,
+               "report": REPORT_NAME},
+    )  # fmt: skip
+    provenance["timings"] = {
+        "prepare_s": prepared_s,
+        "level0_s": pyramid.level0_s,
+        "pyramid_s": pyramid.pyramid_s,
+        "total_s": seconds,
+    }
+    mark_complete(out, report.to_dict(), provenance)
+    LOG.info("%s", report.summary())
+    return report
+
+
+Compute = Any
+
+
+@contextlib.contextmanager
+def _scheduler(
+    scheduler: str | Any | None, workers: int | None
+) -> Iterator[tuple[Compute, str, int, int]]:
+    """How to run the graph: ``(compute, name, worker threads, ORT threads per session)``."""
+    import dask
+
+    if scheduler is None:
+        n_workers, ort_threads = plan_threads(workers=workers)
+
+        def compute_local(graph: Any) -> None:
+            dask.compute(graph, scheduler="threads", num_workers=n_workers)
+
+        yield compute_local, "threads", n_workers, ort_threads
+        return
+
+    from distributed import Client
+
+    own_client = not isinstance(scheduler, Client)
+    client: Any
+    if own_client:
+        try:
+            client = Client(str(scheduler), timeout="20s", set_as_default=False)
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise OptionError("--scheduler", f"cannot connect to {scheduler}: {exc}") from exc
+    else:
+        client = scheduler
+    try:
+        n_threads = sum(client.nthreads().values()) or 1
+        # Cluster threads each run their own ORT session; one ORT thread each keeps
+        # workers x threads within the cores the cluster was given.
+        ort_threads = 1
+
+        def compute_cluster(graph: Any) -> None:
+            client.compute(graph, sync=True)
+
+        yield compute_cluster, str(client.scheduler.address), n_threads, ort_threads
+    finally:
+        if own_client:
+            client.close()
+
+
+def _with_progress(compute: Compute, progress: bool) -> Compute:
+    if not progress:
+        return compute
+
+    def run(graph: Any) -> None:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr, minimum=1.0):
+            compute(graph)
+
+    return run
