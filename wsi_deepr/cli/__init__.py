@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import ClassVar
 
 import click
 
@@ -20,7 +21,7 @@ LOG = logging.getLogger("wsi_deepr")
 class _Group(click.Group):
     """Resolves sub-commands lazily: ``name -> module wsi_deepr.cli.<module>:<attr>``."""
 
-    lazy: dict[str, tuple[str, str]] = {
+    lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "run": ("run", "run"),
         "info": ("info", "info"),
         "demo": ("demo", "demo"),
