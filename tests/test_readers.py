@@ -253,7 +253,7 @@ def test_ome_zarr_missing_level(tmp_path: Path, ome_zarr_05: Path) -> None:
 
     store = _copy_store(ome_zarr_05, tmp_path / "s.zarr")
     shutil.rmtree(store / "s2")
-    with pytest.raises(MetadataError, match="'s2'.*missing") as info:
+    with pytest.raises(MetadataError, match=r"'s2'.*missing") as info:
         open_slide(store)
     assert str(store) in str(info.value)
 
@@ -303,7 +303,7 @@ def test_ome_zarr_corrupt_chunk_fails_at_compute_naming_region(
 
 
 def test_png_needs_mpp_and_reads_whole(png_image: Path, rgb_image: np.ndarray) -> None:
-    with pytest.raises(MetadataError, match="--mpp|pixel size"):
+    with pytest.raises(MetadataError, match=r"--mpp|pixel size"):
         open_slide(png_image)
     slide = open_slide(png_image, mpp=0.25)
     assert slide.format_name == "png"
@@ -394,7 +394,7 @@ def test_tile_offsets_past_end(tmp_path: Path) -> None:
         offsets = list(tag.value)
         offsets[3] = size + 10_000
         tag.overwrite(offsets)
-    with pytest.raises(InputError, match="end of|past|truncated|bytes") as info:
+    with pytest.raises(InputError, match=r"end of|past|truncated|bytes") as info:
         open_slide(path)
     assert str(path) in str(info.value)
 
