@@ -105,6 +105,35 @@ class OpenSlideLevelSource(RegionSource):
         return composite(np.asarray(image), self.background)
 
 
+def _modality_sample(
+    path: str, handle: openslide.OpenSlide, dims: list[tuple[int, int]], downsamples: list[float]
+) -> np.ndarray:
+    """Opaque pixels ``(3, 1, n)`` of the smallest level: all of it when it is small,
+    otherwise nine 256-px patches spread over it (a single-level slide stays cheap)."""
+    level = len(dims) - 1
+    w, h = dims[level]
+    if w * h <= 4_000_000:
+        boxes = [(0, 0, w, h)]
+    else:
+        patch = 256
+        boxes = [
+            (min(int(fx * w), max(0, w - patch)), min(int(fy * h), max(0, h - patch)), patch, patch)
+            for fy in (0.1, 0.45, 0.8)
+            for fx in (0.1, 0.45, 0.8)
+        ]
+    pixels = []
+    for x0, y0, bw, bh in boxes:
+        location = (round(x0 * downsamples[level]), round(y0 * downsamples[level]))
+        try:
+            rgba = np.asarray(handle.read_region(location, level, (bw, bh)))
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read level {level}: {exc}") from exc
+        rgba = rgba.reshape(-1, 4)
+        pixels.append(rgba[rgba[:, 3] > 0, :3])
+    opaque = np.concatenate(pixels)
+    return np.ascontiguousarray(opaque.T)[:, None, :]
+
+
 def open_openslide(path: str | Path, *, mpp: float | None = None) -> Slide:
     """Open a slide OpenSlide can read, lazily.
 
@@ -147,25 +176,7 @@ def open_openslide(path: str | Path, *, mpp: float | None = None) -> Slide:
         file_mpp = math.nan
     slide_mpp = resolve_mpp(path_str, file_mpp, mpp)
 
-    # Judge the background on the smallest level, before choosing what to composite on.
-    smallest = len(dims) - 1
-    probe = OpenSlideLevelSource(
-        path_str,
-        smallest,
-        (dims[smallest][1], dims[smallest][0]),
-        downsamples[smallest],
-        (255, 255, 255),
-    )
-    if dims[smallest][0] * dims[smallest][1] <= 16_000_000:
-        try:
-            rgba = np.asarray(handle.read_region((0, 0), smallest, dims[smallest]))
-        except (openslide.OpenSlideError, OSError, ValueError) as exc:
-            raise InputError(path_str, f"cannot read the smallest level: {exc}") from exc
-        opaque = rgba[..., 3] > 0
-        sample = np.moveaxis(rgba[..., :3][opaque], -1, 0)[:, None, :]
-        modality = guess_modality(sample if sample.size else np.moveaxis(rgba[..., :3], -1, 0))
-    else:
-        modality = guess_modality(probe[:, :2048, :2048])
+    modality = guess_modality(_modality_sample(path_str, handle, dims, downsamples))
     declared = _background_rgb(handle)
     if declared is not None:
         background = declared
