@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,6 +40,8 @@ SUPPORTED_DTYPES = frozenset(
     np.dtype(t) for t in ("uint8", "uint16", "int16", "uint32", "float32", "float64")
 )
 _CHANNEL_AXES = frozenset("CIQS")
+MAX_SEGMENT_BYTES = 1 << 30
+"""Largest decoded tile or strip accepted; beyond it the file is corrupt or unusable."""
 _UNIT_TO_UM = {
     "µm": 1.0,
     "um": 1.0,
@@ -52,6 +55,21 @@ _UNIT_TO_UM = {
     "m": 1e6,
     "Å": 1e-4,
 }
+
+_MALFORMED = (
+    tifffile.TiffFileError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    ZeroDivisionError,
+    OverflowError,
+    RuntimeError,
+    OSError,
+    struct.error,
+)
+"""What tifffile raises on malformed files (beyond its own TiffFileError)."""
 
 _OPEN: dict[tuple[str, int, int], tifffile.TiffFile] = {}
 _OPEN_LOCK = threading.Lock()
@@ -134,13 +152,34 @@ def _layout(path: str, series: Any, level: Any) -> _Layout:
     return _Layout(n_pages, samples, (n_pages * samples, h, w), np.dtype(dtype))
 
 
+def _segment_grid(kf: Any) -> tuple[int, int, int, int, int]:
+    """``(planes, segment_rows, segment_cols, n_rows, n_cols)`` of a page's tiles or strips."""
+    h, w = int(kf.imagelength), int(kf.imagewidth)
+    planes = int(kf.samplesperpixel) if kf.planarconfig == 2 else 1
+    if kf.is_tiled:
+        th, tw = int(kf.tilelength), int(kf.tilewidth)
+    else:
+        th, tw = min(int(kf.rowsperstrip) or h, h), w
+    if th <= 0 or tw <= 0:
+        raise ValueError(f"tile or strip size {th} x {tw}")
+    segment_bytes = th * tw * int(kf.samplesperpixel) * max(1, int(kf.bitspersample) // 8)
+    if segment_bytes > MAX_SEGMENT_BYTES:
+        raise ValueError(f"one tile or strip would take {segment_bytes} bytes (limit 1 GiB)")
+    return planes, th, tw, -(-h // th), -(-w // tw)
+
+
 def _check_offsets(path: str, pages: list[Any], file_size: int) -> None:
-    """Fail early when tile or strip data lie beyond the end of the file."""
+    """Fail early when tile or strip data are missing or lie beyond the end of the file."""
     for page in pages:
         offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
         counts = np.asarray(page.databytecounts, dtype=np.uint64)
-        if offsets.size == 0:
-            raise InputError(path, "TIFF page has no tile or strip offsets")
+        planes, _, _, ny, nx = _segment_grid(page.keyframe)
+        if offsets.size != counts.size or offsets.size < planes * ny * nx:
+            raise InputError(
+                path,
+                f"TIFF page lists {offsets.size} tile offsets and {counts.size} byte counts "
+                f"for {planes * ny * nx} tiles (corrupt file)",
+            )
         end = int((offsets + counts).max())
         if end > file_size:
             raise InputError(
@@ -156,16 +195,10 @@ def _read_page(
     """Decode the tiles or strips of one page that overlap ``box`` into ``(s, h, w)``."""
     y0, y1, x0, x1 = box
     kf = page.keyframe
-    h, w = int(kf.imagelength), int(kf.imagewidth)
     planar = kf.planarconfig == 2
-    planes = int(kf.samplesperpixel) if planar else 1
-    if kf.is_tiled:
-        if kf.tiledepth > 1:
-            raise UnsupportedFormatError(path, "volumetric TIFF tiles are not supported")
-        th, tw = int(kf.tilelength), int(kf.tilewidth)
-    else:
-        th, tw = min(int(kf.rowsperstrip) or h, h), w
-    ny, nx = -(-h // th), -(-w // tw)
+    if kf.is_tiled and kf.tiledepth > 1:
+        raise UnsupportedFormatError(path, "volumetric TIFF tiles are not supported")
+    planes, th, tw, ny, nx = _segment_grid(kf)
     out = np.zeros(
         (planes * (1 if planar else int(kf.samplesperpixel)), y1 - y0, x1 - x0), kf.dtype
     )
@@ -262,12 +295,15 @@ def _tag_mpp(tif: tifffile.TiffFile, page: Any) -> float | None:
     tag = page.tags.get("XResolution")
     if tag is None:
         return None
-    num, den = tag.value
+    try:
+        num, den = (float(v) for v in tag.value)
+        unit = page.tags.get("ResolutionUnit")
+        unit_value = int(unit.value) if unit is not None else 2
+    except (TypeError, ValueError):
+        return math.nan  # malformed tag: reported as an absurd pixel size
     if den == 0 or num == 0:
         return math.nan
     px_per_unit = num / den
-    unit = page.tags.get("ResolutionUnit")
-    unit_value = int(unit.value) if unit is not None else 2
     if unit_value == 2:
         return 25400.0 / px_per_unit
     if unit_value == 3:
@@ -304,13 +340,29 @@ def open_tiff(path: str | Path, *, mpp: float | None = None) -> Slide:
     """
     path_str = str(path)
     try:
-        tif = _tiff(path_str)
-        with _quiet_tifffile():
-            all_series = list(tif.series)
-            for series in all_series:
-                _ = series.levels
-    except (tifffile.TiffFileError, ValueError, OSError, KeyError, IndexError) as exc:
-        raise InputError(path_str, f"not a readable TIFF: {exc}") from exc
+        return _open_tiff(path_str, mpp)
+    except _MALFORMED as exc:
+        _forget(path_str)
+        # tifffile parses hostile structures lazily and fails in many ways
+        raise InputError(path_str, f"not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+    except InputError:
+        _forget(path_str)
+        raise
+
+
+def _forget(path: str) -> None:
+    """Close and drop the cached handle of a file that turned out unreadable."""
+    with _OPEN_LOCK:
+        for key in [k for k in _OPEN if k[0] == path]:
+            _OPEN.pop(key).close()
+
+
+def _open_tiff(path_str: str, mpp: float | None) -> Slide:
+    tif = _tiff(path_str)
+    with _quiet_tifffile():
+        all_series = list(tif.series)
+        for series in all_series:
+            _ = series.levels
     if not all_series:
         raise InputError(path_str, "TIFF holds no image")
     # The largest series is the slide; others are thumbnails, labels or macros.
@@ -324,7 +376,7 @@ def open_tiff(path: str | Path, *, mpp: float | None = None) -> Slide:
         try:
             layout = _layout(path_str, series, level)
             _check_offsets(path_str, list(level.pages[: layout.n_pages]), file_size)
-        except InputError:
+        except (InputError, *_MALFORMED):
             if k == 0:
                 raise
             LOG.warning("%s: ignoring unreadable pyramid level %d", path_str, k)

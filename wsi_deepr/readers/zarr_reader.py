@@ -31,6 +31,18 @@ from wsi_deepr.slide import Slide
 LOG = logging.getLogger("wsi_deepr")
 
 SUPPORTED_VERSIONS = ("0.4", "0.5")
+_MALFORMED = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    ZeroDivisionError,
+    OverflowError,
+    OSError,
+    NotImplementedError,
+)
+"""What zarr and JSON parsing raise on malformed stores."""
 _UNIT_TO_UM = {
     None: 1.0,  # NGFF units are optional; micrometres is what every writer we know means
     "micrometer": 1.0,
@@ -168,12 +180,19 @@ def open_ome_zarr(path: str | Path, *, mpp: float | None = None) -> Slide:
     """
     path_str = str(path)
     try:
-        group = zarr.open_group(path_str, mode="r")
-        attrs = group.attrs.asdict()
+        return _open_ome_zarr(path_str, mpp)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise InputError(path_str, "no Zarr group here") from exc
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(path_str, f"cannot open the Zarr store: {exc}") from exc
+    except _MALFORMED as exc:
+        # zarr validates metadata documents lazily and fails in many ways
+        raise InputError(
+            path_str, f"malformed Zarr metadata ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def _open_ome_zarr(path_str: str, mpp: float | None) -> Slide:
+    group = zarr.open_group(path_str, mode="r")
+    attrs = group.attrs.asdict()
     version, ms, omero = _multiscales(path_str, attrs)
     axes, axis_info = _axes(path_str, ms)
     datasets = ms.get("datasets")
@@ -193,8 +212,10 @@ def open_ome_zarr(path: str | Path, *, mpp: float | None = None) -> Slide:
             raise MetadataError(
                 path_str, f"level {level_path!r} listed in the metadata is missing"
             ) from exc
-        except (OSError, ValueError, TypeError) as exc:
-            raise InputError(path_str, f"level {level_path!r} cannot be opened: {exc}") from exc
+        except _MALFORMED as exc:
+            raise InputError(
+                path_str, f"level {level_path!r} cannot be opened ({type(exc).__name__}: {exc})"
+            ) from exc
         if not isinstance(array, zarr.Array):
             raise MetadataError(path_str, f"level {level_path!r} is a group, not an array")
         if array.ndim != len(axes):
@@ -248,6 +269,9 @@ def open_ome_zarr(path: str | Path, *, mpp: float | None = None) -> Slide:
 
     n_channels = sources[0].shape[0]
     channels = omero.get("channels") if isinstance(omero.get("channels"), list) else None
+    if channels is not None and not all(isinstance(ch, dict) for ch in channels):
+        LOG.warning("%s: omero channels are not objects; using default names", path_str)
+        channels = None
     rgb_like = n_channels == 3 and sources[0].dtype == np.uint8
     names, colors = default_channels(n_channels, rgb=rgb_like)
     if channels is not None and len(channels) == n_channels:
