@@ -77,6 +77,16 @@ def test_one_block_reads_only_its_region(
     np.testing.assert_array_equal(block, rgb_image[:, 1024:, 2048:])
 
 
+def test_many_threads_read_the_same_file_consistently(
+    tiff_slide_subifds: Path, rgb_image: np.ndarray
+) -> None:
+    """Tiles are read with seek + read on one shared handle: that must be atomic."""
+    slide = open_slide(tiff_slide_subifds)
+    small = slide.data.rechunk((3, 256, 256))
+    for _ in range(3):
+        np.testing.assert_array_equal(small.compute(scheduler="threads", num_workers=8), rgb_image)
+
+
 def test_graph_pickles_for_distributed_workers(tiff_slide: Path, ome_zarr_05: Path) -> None:
     for path in (tiff_slide, ome_zarr_05):
         slide = open_slide(path)

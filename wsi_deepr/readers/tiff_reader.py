@@ -100,6 +100,9 @@ def _tiff(path: str) -> tifffile.TiffFile:
         if tif is None:
             with _quiet_tifffile():
                 tif = tifffile.TiffFile(path)
+            # Dask reads tiles from several threads: seek + read must be atomic
+            # (tifffile's file lock is a no-op unless switched on).
+            tif.filehandle.set_lock(True)
             _OPEN[key] = tif
         return tif
 
