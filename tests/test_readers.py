@@ -337,6 +337,16 @@ def test_png_grey16_rgba_and_jpeg(tmp_path: Path) -> None:
     assert np.abs(slide.data.compute().astype(int) - rgb).mean() < 8
 
 
+def test_oversized_png_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    path = make_png(tmp_path / "big.png", synthetic_tissue((100, 100), seed=13))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # stands in for a 200-megapixel PNG
+    with pytest.raises(InputError, match="too large") as info:
+        open_slide(path, mpp=0.5)
+    assert "tiled TIFF" in info.value.one_line()
+
+
 def test_format_is_detected_by_content(tmp_path: Path, png_image: Path, tiff_slide: Path) -> None:
     disguised = tmp_path / "really_a_png.tif"
     disguised.write_bytes(png_image.read_bytes())

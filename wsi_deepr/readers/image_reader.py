@@ -25,18 +25,15 @@ from wsi_deepr.slide import Slide
 
 LOG = logging.getLogger("wsi_deepr")
 
-MAX_IMAGE_PX = 20_000 * 20_000
-"""Largest PNG/JPEG accepted; bigger images belong in a tiled format."""
-
 
 def _decode(path: str) -> tuple[np.ndarray, bool, str]:
     """Decode to ``(c, y, x)``; say whether it is RGB and which format it was."""
     from PIL import Image
 
-    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PX
     try:
+        # PIL's own limit (about 179 megapixels) stays: beyond it a tiled format is the answer.
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.load()
                 fmt = str(opened.format or "image").lower()
@@ -49,7 +46,7 @@ def _decode(path: str) -> tuple[np.ndarray, bool, str]:
                     image = image.convert("RGB" if mode != "1" else "L")
                 mode = image.mode
                 array = np.asarray(image)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise InputError(
             path, f"image too large for a single field of view ({exc})", hint="use a tiled TIFF"
         ) from exc
