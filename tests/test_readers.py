@@ -146,6 +146,33 @@ def test_strip_tiff_rgba_and_16bit_rgb(tmp_path: Path) -> None:
     np.testing.assert_array_equal(slide.data.compute(), rgb16)
 
 
+@pytest.mark.parametrize(
+    ("byteorder", "rows_per_strip", "n_channels", "planar"),
+    [(">", 7, 2, "separate"), ("<", None, 3, "contig"), (">", 100, 3, "contig")],
+)
+def test_uncompressed_strips_read_row_by_row(
+    tmp_path: Path, byteorder: str, rows_per_strip: int | None, n_channels: int, planar: str
+) -> None:
+    image = synthetic_tissue(
+        (1500, 1300), seed=14, rgb=False, n_channels=n_channels, dtype=np.uint16
+    )
+    data = image if planar == "separate" else np.moveaxis(image, 0, -1)
+    tifffile.imwrite(
+        tmp_path / "strips.tif",
+        data,
+        byteorder=byteorder,
+        rowsperstrip=rows_per_strip,
+        photometric="minisblack",
+        planarconfig=planar,
+        metadata=None,
+    )
+    slide = open_slide(tmp_path / "strips.tif", mpp=0.5)
+    np.testing.assert_array_equal(slide.data.compute(), image)
+    np.testing.assert_array_equal(
+        slide.data[:, 1030:1100, 700:1250].compute(), image[:, 1030:1100, 700:1250]
+    )
+
+
 def test_single_level_tiff_gets_lazy_block_mean_thumbnail(tmp_path: Path) -> None:
     image = synthetic_tissue((2600, 4500), seed=5)
     path = make_tiff_slide(tmp_path / "flat.tif", image, 0.5, pyramid=False, tile=512)

@@ -166,9 +166,58 @@ def _segment_grid(kf: Any) -> tuple[int, int, int, int, int]:
     if th <= 0 or tw <= 0:
         raise ValueError(f"tile or strip size {th} x {tw}")
     segment_bytes = th * tw * int(kf.samplesperpixel) * max(1, int(kf.bitspersample) // 8)
-    if segment_bytes > MAX_SEGMENT_BYTES:
+    if segment_bytes > MAX_SEGMENT_BYTES and not _raw_strips(kf):
         raise ValueError(f"one tile or strip would take {segment_bytes} bytes (limit 1 GiB)")
     return planes, th, tw, -(-h // th), -(-w // tw)
+
+
+def _raw_strips(kf: Any) -> bool:
+    """Uncompressed, byte-aligned strips: rows can be read directly, a few at a time.
+
+    tifffile writes uncompressed images as one strip by default, so a big plain TIFF
+    would otherwise be decoded whole for every chunk.
+    """
+    return bool(
+        not kf.is_tiled
+        and kf.compression == 1
+        and kf.predictor == 1
+        and kf.fillorder == 1
+        and kf.bitspersample in (8, 16, 32, 64)
+        and kf.dtype is not None
+        and kf.photometric != tifffile.PHOTOMETRIC.YCBCR  # may be subsampled
+    )
+
+
+def _read_raw_rows(
+    path: str, tif: tifffile.TiffFile, page: Any, box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """Read ``box`` from uncompressed strips by seeking to its rows; ``(s, h, w)``."""
+    y0, y1, x0, x1 = box
+    kf = page.keyframe
+    planar = kf.planarconfig == 2
+    planes, rows_per_strip, _, n_strips, _ = _segment_grid(kf)
+    contig = 1 if planar else int(kf.samplesperpixel)
+    dtype = np.dtype(kf.dtype).newbyteorder(tif.byteorder)
+    row_bytes = int(kf.imagewidth) * contig * dtype.itemsize
+    out = np.empty((planes * contig, y1 - y0, x1 - x0), kf.dtype)
+    fh = tif.filehandle
+    for plane in range(planes):
+        for strip in range(y0 // rows_per_strip, (y1 - 1) // rows_per_strip + 1):
+            index = plane * n_strips + strip
+            first = strip * rows_per_strip
+            r0, r1 = max(y0, first), min(y1, first + rows_per_strip)
+            start, length = (r0 - first) * row_bytes, (r1 - r0) * row_bytes
+            if start + length > int(page.databytecounts[index]):
+                raise InputError(path, f"strip {index} is shorter than its rows (corrupt file)")
+            with fh.lock:
+                fh.seek(int(page.dataoffsets[index]) + start)
+                data = fh.read(length)
+            if len(data) != length:
+                raise InputError(path, f"strip {index} ends early (truncated file)")
+            rows = np.frombuffer(data, dtype).reshape(r1 - r0, -1, contig)[:, x0:x1]
+            c0 = plane if planar else 0
+            out[c0 : c0 + contig, r0 - y0 : r1 - y0] = np.moveaxis(rows, -1, 0)
+    return out
 
 
 def _check_offsets(path: str, pages: list[Any], file_size: int) -> None:
@@ -196,8 +245,10 @@ def _read_page(
     path: str, tif: tifffile.TiffFile, page: Any, samples: int, box: tuple[int, int, int, int]
 ) -> np.ndarray:
     """Decode the tiles or strips of one page that overlap ``box`` into ``(s, h, w)``."""
-    y0, y1, x0, x1 = box
     kf = page.keyframe
+    if _raw_strips(kf):
+        return _read_raw_rows(path, tif, page, box)[:samples]
+    y0, y1, x0, x1 = box
     planar = kf.planarconfig == 2
     if kf.is_tiled and kf.tiledepth > 1:
         raise UnsupportedFormatError(path, "volumetric TIFF tiles are not supported")
