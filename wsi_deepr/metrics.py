@@ -345,7 +345,8 @@ def fit_gaussian_2d(patch: FloatArray) -> GaussianFit:
     Returns
     -------
     GaussianFit
-        Sigmas are bounded to [0.3, 2 x patch size] pixels.
+        Sigmas are bounded to [0.3, 2 x patch size] pixels; a flat (or non-finite) patch
+        gives an unsuccessful fit with NaN centre and widths.
 
     Examples
     --------
@@ -356,6 +357,9 @@ def fit_gaussian_2d(patch: FloatArray) -> GaussianFit:
     """
     z = np.asarray(patch, dtype=np.float64)
     h, w = z.shape
+    if not np.all(np.isfinite(z)) or float(z.max() - z.min()) <= 1e-12 * max(1.0, abs(z.max())):
+        nan = math.nan
+        return GaussianFit(0.0, nan, nan, nan, nan, float(np.mean(z)), False)
     yy, xx = np.mgrid[:h, :w].astype(np.float64)
     offset0 = float(np.percentile(z, 10))
     weights = np.clip(z - offset0, 0, None)
@@ -371,11 +375,27 @@ def fit_gaussian_2d(patch: FloatArray) -> GaussianFit:
     span = max(float(z.max() - z.min()), 1e-12)
     lower = [0.0, -0.5, -0.5, 0.3, 0.3, float(z.min()) - span]
     upper = [10 * span + amp0, h - 0.5, w - 0.5, 2.0 * h, 2.0 * w, float(z.max())]
-    start = np.clip(start, np.add(lower, 1e-9), np.subtract(upper, 1e-9))
+    width = np.subtract(upper, lower)
+    start = np.clip(start, np.add(lower, 1e-6 * width), np.subtract(upper, 1e-6 * width))
+
+    ys, xs = yy.ravel(), xx.ravel()
+    target = z.ravel()
 
     def residual(p: NDArray[np.float64]) -> NDArray[np.float64]:
-        return (gaussian_2d(yy, xx, p) - z).ravel() / span
+        a, cy, cx, sy, sx, off = p
+        e = np.exp(-((ys - cy) ** 2) / (2 * sy**2) - (xs - cx) ** 2 / (2 * sx**2))
+        return np.asarray((off + a * e - target) / span)
 
-    result = least_squares(residual, start, bounds=(lower, upper), x_scale="jac")
+    def jacobian(p: NDArray[np.float64]) -> NDArray[np.float64]:
+        a, cy, cx, sy, sx, _ = p
+        dy, dx = ys - cy, xs - cx
+        e = np.exp(-(dy**2) / (2 * sy**2) - dx**2 / (2 * sx**2))
+        ae = a * e
+        columns = (e, ae * dy / sy**2, ae * dx / sx**2, ae * dy**2 / sy**3, ae * dx**2 / sx**3)
+        return np.column_stack([*columns, np.ones_like(e)]) / span
+
+    result = least_squares(
+        residual, start, jac=jacobian, bounds=(lower, upper), x_scale="jac", ftol=1e-6, xtol=1e-6
+    )
     a, cy, cx, sy, sx, off = (float(v) for v in result.x)
     return GaussianFit(a, cy, cx, sy, sx, off, bool(result.success))
