@@ -285,9 +285,14 @@ def make_ome_zarr(
     Path
         The store written.
     """
+    import warnings
+
     import zarr
-    from ome_zarr.format import FormatV04, FormatV05
-    from ome_zarr.writer import write_multiscale
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from ome_zarr.format import FormatV04, FormatV05
+        from ome_zarr.writer import write_multiscale
 
     path = Path(path)
     fmt = FormatV05() if version == "0.5" else FormatV04()
@@ -318,15 +323,18 @@ def make_ome_zarr(
     transforms = [
         [{"type": "scale", "scale": [1.0, mpp * 2**k, mpp * 2**k]}] for k in range(len(levels))
     ]
-    write_multiscale(
-        levels,
-        group,
-        fmt=fmt,
-        axes=axes,
-        coordinate_transformations=transforms,
-        storage_options={"chunks": (c, chunk_px, chunk_px)},
-        metadata={"omero": omero},
-    )
+    with warnings.catch_warnings():
+        # ome-zarr 0.18 deprecates explicit transformations; they say exactly what we mean
+        warnings.simplefilter("ignore", DeprecationWarning)
+        write_multiscale(
+            levels,
+            group,
+            fmt=fmt,
+            axes=axes,
+            coordinate_transformations=transforms,
+            storage_options={"chunks": (c, chunk_px, chunk_px)},
+            metadata={"omero": omero},
+        )
     return path
 
 
@@ -339,11 +347,7 @@ def make_png(path: str | Path, image_cyx: np.ndarray) -> Path:
         arr = image_cyx[0]
     else:
         arr = np.moveaxis(image_cyx, 0, -1)
-    if arr.dtype == np.uint16:
-        tifffile_free = Image.fromarray(arr.astype(np.uint16))
-        tifffile_free.save(path)
-    else:
-        Image.fromarray(arr).save(path)
+    Image.fromarray(arr).save(path)
     return path
 
 
