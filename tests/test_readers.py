@@ -518,6 +518,22 @@ def test_openslide_reader_on_generic_tiff(tiff_slide: Path, rgb_image: np.ndarra
     np.testing.assert_array_equal(slide.data.compute(), rgb_image)
 
 
+def test_openslide_corrupt_tile_fails_only_its_region(tmp_path: Path) -> None:
+    image = synthetic_tissue((2100, 2100), seed=15)
+    path = make_tiff_slide(tmp_path / "bad.tif", image, 0.5, tile=256, compression="jpeg")
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[70], tif.pages[0].databytecounts[70]
+    data = bytearray(path.read_bytes())
+    data[offset + 20 : offset + count] = b"\x00" * (count - 20)
+    path.write_bytes(bytes(data))
+    slide = open_openslide(path)
+    with pytest.raises(InputError, match=r"rows 1024:2048, columns 1024:2048") as info:
+        slide.data.blocks[0, 1, 1].compute()
+    assert str(path) in str(info.value)
+    # OpenSlide's handle is poisoned after an error; other regions still read
+    assert slide.data.blocks[0, 0, 1].compute().shape == (3, 1024, 1024)
+
+
 def test_openslide_svs(shared_wsi: Path) -> None:
     import openslide
 

@@ -54,6 +54,12 @@ def _handle(path: str) -> openslide.OpenSlide:
         return handle
 
 
+def _forget(path: str, handle: openslide.OpenSlide) -> None:
+    with _OPEN_LOCK:
+        for key in [k for k, v in _OPEN.items() if k[0] == path and v is handle]:
+            del _OPEN[key]
+
+
 def _background_rgb(handle: openslide.OpenSlide) -> tuple[int, int, int] | None:
     """The background colour the file declares (``openslide.background-color``)."""
     value = handle.properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR)
@@ -101,7 +107,14 @@ class OpenSlideLevelSource(RegionSource):
         handle = _handle(self.path)
         # read_region takes the top-left corner in level-0 pixels.
         location = (round(x0 * self.downsample), round(y0 * self.downsample))
-        image = handle.read_region(location, self.level, (x1 - x0, y1 - y0))
+        try:
+            image = handle.read_region(location, self.level, (x1 - x0, y1 - y0))
+        except openslide.OpenSlideError:
+            # An OpenSlide handle fails every later read once one has failed: drop it so
+            # other regions are read through a fresh one. (Not closed: other threads may
+            # still use it; it closes when the last reference goes.)
+            _forget(self.path, handle)
+            raise
         return composite(np.asarray(image), self.background)
 
 
