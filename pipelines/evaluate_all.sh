@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Reproduce the whole evaluation report (issue 4) from a clean checkout:
+#
+#   pipelines/evaluate_all.sh [OUT_DIR] [extra wsi-deepr evaluate options...]
+#
+# Evaluates every shipped model in models/ (each <name>.onnx with its <name>.json card) and,
+# for the training-range trade-off (Fig. 8), any extra generators exported to
+# runs/range-models/*.onnx. Held-out images and bead stacks come from ../shared/data
+# (override with WSI_DEEPR_DATA). Writes OUT_DIR/index.html (default reports/evaluation)
+# with every number also as CSV/JSON. About 15 minutes for two models on 2 CPU cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-reports/evaluation}"
+shift || true
+data="${WSI_DEEPR_DATA:-../shared/data}"
+
+models=()
+for card in models/*.json; do
+    [ -e "$card" ] || continue
+    models+=(--model "$(basename "${card%.json}")")
+done
+for extra in runs/range-models/*.onnx; do
+    [ -e "$extra" ] && models+=(--model "$extra")
+done
+if [ "${#models[@]}" -eq 0 ]; then
+    echo "evaluate_all: no models in models/ or runs/range-models/" >&2
+    exit 2
+fi
+
+exec python -m wsi_deepr evaluate "${models[@]}" --out "$out" --data-dir "$data" --overwrite "$@"
