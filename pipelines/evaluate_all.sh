@@ -17,7 +17,7 @@ data="${WSI_DEEPR_DATA:-../shared/data}"
 models=()
 for card in models/*.json; do
     [ -e "$card" ] || continue
-    models+=(--model "$(basename "${card%.json}")")
+    [ -e "${card%.json}.onnx" ] && models+=(--model "${card%.json}.onnx")
 done
 for extra in runs/range-models/*.onnx; do
     [ -e "$extra" ] && models+=(--model "$extra")
