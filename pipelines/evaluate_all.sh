@@ -17,10 +17,14 @@ data="${WSI_DEEPR_DATA:-../shared/data}"
 models=()
 for card in models/*.json; do
     [ -e "$card" ] || continue
-    [ -e "${card%.json}.onnx" ] && models+=(--model "${card%.json}.onnx")
+    if [ -e "${card%.json}.onnx" ]; then
+        models+=(--model "${card%.json}.onnx")
+    fi
 done
 for extra in runs/range-models/*.onnx; do
-    [ -e "$extra" ] && models+=(--model "$extra")
+    if [ -e "$extra" ]; then
+        models+=(--model "$extra")
+    fi
 done
 if [ "${#models[@]}" -eq 0 ]; then
     echo "evaluate_all: no models in models/ or runs/range-models/" >&2
