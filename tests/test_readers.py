@@ -564,3 +564,34 @@ def test_openslide_ndpi_fluorescence(shared_wsi: Path, name: str, channel: int) 
     # the signal lives in one channel of the RGB container
     assert int(np.argmax(thumb.reshape(3, -1).mean(axis=1))) == channel
     assert slide.data.blocks[0, 2, 1].compute().shape == (3, 1024, 1024)
+
+
+# --- modality ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("background", "signal", "dtype", "expected"),
+    [
+        (240, 150, np.uint8, "brightfield"),
+        (3900, 2000, np.uint16, "brightfield"),  # 12-bit camera in a 16-bit file
+        (60000, 30000, np.uint16, "brightfield"),
+        (0.92, 0.5, np.float32, "brightfield"),
+        (5, 200, np.uint8, "fluorescence"),
+        (300, 3000, np.uint16, "fluorescence"),
+        (100, 110, np.uint16, "fluorescence"),  # dark noise only
+        (0, 0, np.uint8, "fluorescence"),
+        (0.01, 0.8, np.float32, "fluorescence"),
+    ],
+)
+def test_modality_from_background(
+    background: float, signal: float, dtype: type, expected: str
+) -> None:
+    from wsi_deepr.readers.base import guess_modality
+
+    rng = np.random.default_rng(0)
+    image = np.full((3, 100, 100), background, dtype=np.float64)
+    image[:, 30:50, 30:60] = signal  # a minority of the pixels
+    image *= 1 + 0.02 * rng.standard_normal(image.shape)
+    if np.dtype(dtype).kind in "iu":
+        image = np.clip(np.round(image), 0, np.iinfo(dtype).max)
+    assert guess_modality(image.astype(dtype)) == expected

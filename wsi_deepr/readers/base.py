@@ -262,15 +262,20 @@ def guess_modality(sample_cyx: np.ndarray) -> Modality:
     brightness = brightness[np.isfinite(brightness)]
     if brightness.size == 0:
         return "brightfield"
-    if np.dtype(sample_cyx.dtype).kind in "iu":
-        full_scale = float(np.iinfo(sample_cyx.dtype).max)
-        top = max(float(np.percentile(brightness, 99.9)), 0.25 * full_scale)
-    else:
-        top = float(np.percentile(brightness, 99.9))
+    top = float(np.percentile(brightness, 99.9))
+    median = float(np.median(brightness))
     if top <= 0:
         return "fluorescence"
+    dtype = np.dtype(sample_cyx.dtype)
+    if dtype.kind in "iu":
+        # A light background is also bright in absolute terms: a quarter of 8-bit full
+        # scale, or of 12-bit for wider integers (12-bit cameras in 16-bit files are common;
+        # fluorescence camera offsets stay far below that).
+        floor = 0.25 * (255.0 if dtype.itemsize == 1 else 4095.0)
+        if median < floor:
+            return "fluorescence"
     # Light background: most pixels (the median) are near the brightest ones.
-    return "brightfield" if float(np.median(brightness)) >= 0.5 * top else "fluorescence"
+    return "brightfield" if median >= 0.5 * top else "fluorescence"
 
 
 def sample_for_modality(level0: da.Array, thumbnail: da.Array, *, stored: bool) -> np.ndarray:
