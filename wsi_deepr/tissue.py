@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 from scipy import ndimage
@@ -34,8 +36,29 @@ MIN_CONTRAST = 0.02
 """Fluorescence intensity range (fraction of full scale) below which the slide is blank."""
 
 
+_THUMBNAILS: OrderedDict[str, np.ndarray] = OrderedDict()
+_THUMBNAILS_LOCK = threading.Lock()
+
+
 def _thumbnail(slide: Slide) -> np.ndarray:
-    return np.asarray(slide.thumbnail.compute(), dtype=np.float64)
+    """The thumbnail as float64, computed once for a mask and stats in a row.
+
+    A single-level slide's thumbnail is a block mean of all of level 0: worth keeping.
+    Keyed by the Dask name, which is derived from the file, level and shape.
+    """
+    key = str(slide.thumbnail.name)
+    with _THUMBNAILS_LOCK:
+        cached = _THUMBNAILS.get(key)
+        if cached is not None:
+            _THUMBNAILS.move_to_end(key)
+            return cached
+    image = np.asarray(slide.thumbnail.compute(), dtype=np.float64)
+    image.setflags(write=False)
+    with _THUMBNAILS_LOCK:
+        _THUMBNAILS[key] = image
+        while len(_THUMBNAILS) > 2:
+            _THUMBNAILS.popitem(last=False)
+    return image
 
 
 def _full_scale(slide: Slide, image: np.ndarray) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -164,6 +165,16 @@ class RegionSource(ABC):
         return np.ascontiguousarray(block[cs], dtype=self.dtype)
 
 
+def _file_stamp(path: str) -> tuple[int, int]:
+    """Modification time and size of a local file (or store folder), so a rewritten
+    file never shares Dask names (or cached thumbnails) with its earlier version."""
+    try:
+        stat = os.stat(path)
+    except (OSError, ValueError):
+        return (0, 0)  # a URL
+    return (stat.st_mtime_ns, stat.st_size)
+
+
 def lazy_level(source: RegionSource, *, chunk_px: int = CHUNK_PX) -> da.Array:
     """Wrap a region source as a Dask array with ``(c, chunk_px, chunk_px)`` chunks.
 
@@ -180,7 +191,9 @@ def lazy_level(source: RegionSource, *, chunk_px: int = CHUNK_PX) -> da.Array:
         Nothing is read until a chunk is computed.
     """
     c = source.shape[0]
-    name = "read-" + tokenize(type(source).__name__, source.path, source.label, source.shape)
+    name = "read-" + tokenize(
+        type(source).__name__, source.path, _file_stamp(source.path), source.label, source.shape
+    )
     return da.from_array(
         source,
         chunks=(c, chunk_px, chunk_px),
