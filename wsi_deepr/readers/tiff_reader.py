@@ -32,6 +32,7 @@ from wsi_deepr.readers.base import (
     resolve_mpp,
     sample_for_modality,
 )
+from wsi_deepr.readers.tiff_tiles import check_offsets, read_page_region
 from wsi_deepr.slide import Slide
 
 LOG = logging.getLogger("wsi_deepr")
@@ -40,8 +41,6 @@ SUPPORTED_DTYPES = frozenset(
     np.dtype(t) for t in ("uint8", "uint16", "int16", "uint32", "float32", "float64")
 )
 _CHANNEL_AXES = frozenset("CIQS")
-MAX_SEGMENT_BYTES = 1 << 30
-"""Largest decoded tile or strip accepted; beyond it the file is corrupt or unusable."""
 _UNIT_TO_UM = {
     "µm": 1.0,
     "um": 1.0,
@@ -155,141 +154,6 @@ def _layout(path: str, series: Any, level: Any) -> _Layout:
     return _Layout(n_pages, samples, (n_pages * samples, h, w), np.dtype(dtype))
 
 
-def _segment_grid(kf: Any) -> tuple[int, int, int, int, int]:
-    """``(planes, segment_rows, segment_cols, n_rows, n_cols)`` of a page's tiles or strips."""
-    h, w = int(kf.imagelength), int(kf.imagewidth)
-    planes = int(kf.samplesperpixel) if kf.planarconfig == 2 else 1
-    if kf.is_tiled:
-        th, tw = int(kf.tilelength), int(kf.tilewidth)
-    else:
-        th, tw = min(int(kf.rowsperstrip) or h, h), w
-    if th <= 0 or tw <= 0:
-        raise ValueError(f"tile or strip size {th} x {tw}")
-    segment_bytes = th * tw * int(kf.samplesperpixel) * max(1, int(kf.bitspersample) // 8)
-    if segment_bytes > MAX_SEGMENT_BYTES and not _raw_strips(kf):
-        raise ValueError(f"one tile or strip would take {segment_bytes} bytes (limit 1 GiB)")
-    return planes, th, tw, -(-h // th), -(-w // tw)
-
-
-def _raw_strips(kf: Any) -> bool:
-    """Uncompressed, byte-aligned strips: rows can be read directly, a few at a time.
-
-    tifffile writes uncompressed images as one strip by default, so a big plain TIFF
-    would otherwise be decoded whole for every chunk.
-    """
-    return bool(
-        not kf.is_tiled
-        and kf.compression == 1
-        and kf.predictor == 1
-        and kf.fillorder == 1
-        and kf.bitspersample in (8, 16, 32, 64)
-        and kf.dtype is not None
-        and kf.photometric != tifffile.PHOTOMETRIC.YCBCR  # may be subsampled
-    )
-
-
-def _read_raw_rows(
-    path: str, tif: tifffile.TiffFile, page: Any, box: tuple[int, int, int, int]
-) -> np.ndarray:
-    """Read ``box`` from uncompressed strips by seeking to its rows; ``(s, h, w)``."""
-    y0, y1, x0, x1 = box
-    kf = page.keyframe
-    planar = kf.planarconfig == 2
-    planes, rows_per_strip, _, n_strips, _ = _segment_grid(kf)
-    contig = 1 if planar else int(kf.samplesperpixel)
-    dtype = np.dtype(kf.dtype).newbyteorder(tif.byteorder)
-    row_bytes = int(kf.imagewidth) * contig * dtype.itemsize
-    out = np.empty((planes * contig, y1 - y0, x1 - x0), kf.dtype)
-    fh = tif.filehandle
-    for plane in range(planes):
-        for strip in range(y0 // rows_per_strip, (y1 - 1) // rows_per_strip + 1):
-            index = plane * n_strips + strip
-            first = strip * rows_per_strip
-            r0, r1 = max(y0, first), min(y1, first + rows_per_strip)
-            start, length = (r0 - first) * row_bytes, (r1 - r0) * row_bytes
-            if start + length > int(page.databytecounts[index]):
-                raise InputError(path, f"strip {index} is shorter than its rows (corrupt file)")
-            with fh.lock:
-                fh.seek(int(page.dataoffsets[index]) + start)
-                data = fh.read(length)
-            if len(data) != length:
-                raise InputError(path, f"strip {index} ends early (truncated file)")
-            rows = np.frombuffer(data, dtype).reshape(r1 - r0, -1, contig)[:, x0:x1]
-            c0 = plane if planar else 0
-            out[c0 : c0 + contig, r0 - y0 : r1 - y0] = np.moveaxis(rows, -1, 0)
-    return out
-
-
-def _check_offsets(path: str, pages: list[Any], file_size: int) -> None:
-    """Fail early when tile or strip data are missing or lie beyond the end of the file."""
-    for page in pages:
-        offsets = np.asarray(page.dataoffsets, dtype=np.uint64)
-        counts = np.asarray(page.databytecounts, dtype=np.uint64)
-        planes, _, _, ny, nx = _segment_grid(page.keyframe)
-        if offsets.size != counts.size or offsets.size < planes * ny * nx:
-            raise InputError(
-                path,
-                f"TIFF page lists {offsets.size} tile offsets and {counts.size} byte counts "
-                f"for {planes * ny * nx} tiles (corrupt file)",
-            )
-        end = int((offsets + counts).max())
-        if end > file_size:
-            raise InputError(
-                path,
-                f"pixel data end at byte {end} but the file has {file_size} bytes "
-                "(truncated or corrupt TIFF)",
-            )
-
-
-def _read_page(
-    path: str, tif: tifffile.TiffFile, page: Any, samples: int, box: tuple[int, int, int, int]
-) -> np.ndarray:
-    """Decode the tiles or strips of one page that overlap ``box`` into ``(s, h, w)``."""
-    kf = page.keyframe
-    if _raw_strips(kf):
-        return _read_raw_rows(path, tif, page, box)[:samples]
-    y0, y1, x0, x1 = box
-    planar = kf.planarconfig == 2
-    if kf.is_tiled and kf.tiledepth > 1:
-        raise UnsupportedFormatError(path, "volumetric TIFF tiles are not supported")
-    planes, th, tw, ny, nx = _segment_grid(kf)
-    out = np.zeros(
-        (planes * (1 if planar else int(kf.samplesperpixel)), y1 - y0, x1 - x0), kf.dtype
-    )
-    decode = kf.decode
-    fh = tif.filehandle
-    offsets, counts = page.dataoffsets, page.databytecounts
-    for plane in range(planes):
-        for ty in range(y0 // th, (y1 - 1) // th + 1):
-            for tx in range(x0 // tw, (x1 - 1) // tw + 1):
-                index = plane * ny * nx + ty * nx + tx
-                if counts[index] == 0:
-                    continue  # empty tile: TIFF readers show it as zeros
-                with fh.lock:
-                    fh.seek(offsets[index])
-                    data = fh.read(counts[index])
-                segment, _, _ = decode(
-                    data,
-                    index,
-                    jpegtables=page.jpegtables,
-                    jpegheader=kf.jpegheader,
-                    _fullsize=kf.is_tiled,
-                )
-                if segment is None:
-                    continue
-                seg = np.moveaxis(segment[0], -1, 0)  # (s, rows, cols)
-                ty0, tx0 = ty * th, tx * tw
-                sy0, sy1 = max(y0, ty0), min(y1, ty0 + seg.shape[1])
-                sx0, sx1 = max(x0, tx0), min(x1, tx0 + seg.shape[2])
-                if sy1 <= sy0 or sx1 <= sx0:
-                    continue
-                c0 = plane if planar else 0
-                out[c0 : c0 + seg.shape[0], sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = seg[
-                    :, sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
-                ]
-    return out[:samples]
-
-
 class TiffLevelSource(RegionSource):
     """One level of a TIFF series; pickles as file, series and level numbers."""
 
@@ -307,7 +171,7 @@ class TiffLevelSource(RegionSource):
         tif = _tiff(self.path)
         level = tif.series[self.series_index].levels[self.level_index]
         parts = [
-            _read_page(self.path, tif, level.pages[i], self.layout.samples, (y0, y1, x0, x1))
+            read_page_region(self.path, tif, level.pages[i], self.layout.samples, (y0, y1, x0, x1))
             for i in range(self.layout.n_pages)
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
@@ -429,7 +293,7 @@ def _open_tiff(path_str: str, mpp: float | None) -> Slide:
     for k, level in enumerate(series.levels):
         try:
             layout = _layout(path_str, series, level)
-            _check_offsets(path_str, list(level.pages[: layout.n_pages]), file_size)
+            check_offsets(path_str, list(level.pages[: layout.n_pages]), file_size)
         except (InputError, *_MALFORMED):
             if k == 0:
                 raise
