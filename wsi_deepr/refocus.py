@@ -16,8 +16,10 @@ With chunks a multiple of the tile stride (:func:`default_chunk_px`) a spill is 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import dask
 import dask.array as da
@@ -30,7 +32,13 @@ BatchModel = Callable[[np.ndarray], np.ndarray]
 """Maps a batch ``(n, c, h, w)`` float32 of normalised tiles to outputs of the same shape."""
 
 
-def default_chunk_px(grid: TileGrid, *, target_px: int = 2048) -> int:
+def default_chunk_px(
+    grid: TileGrid,
+    *,
+    target_px: int = 2048,
+    shape_yx: tuple[int, int] | None = None,
+    min_chunks: int = 1,
+) -> int:
     """Output chunk edge near ``target_px``: a multiple of the stride, at least one tile.
 
     Parameters
@@ -39,6 +47,11 @@ def default_chunk_px(grid: TileGrid, *, target_px: int = 2048) -> int:
         Tile size and overlap.
     target_px : int
         Wanted chunk edge in pixels.
+    shape_yx : tuple of int, optional
+        Slide size; with ``min_chunks``, chunks shrink until the slide has that many, so
+        every worker has work on small slides.
+    min_chunks : int
+        Wanted number of chunks (parallel tasks) at least.
 
     Returns
     -------
@@ -46,22 +59,18 @@ def default_chunk_px(grid: TileGrid, *, target_px: int = 2048) -> int:
         ``k x stride_px`` with ``k >= 1`` and the result ``>= tile_px``.
     """
     stride = grid.stride_px
-    k = max(1, round(target_px / stride))
-    while k * stride < grid.tile_px:
-        k += 1
+    k_min = 1
+    while k_min * stride < grid.tile_px:
+        k_min += 1
+    k = max(k_min, round(target_px / stride))
+    if shape_yx is not None:
+        height, width = shape_yx
+        while (
+            k > k_min
+            and math.ceil(height / (k * stride)) * math.ceil(width / (k * stride)) < min_chunks
+        ):
+            k -= 1
     return k * stride
-
-
-@dataclass(frozen=True, slots=True)
-class _ChunkTiles:
-    """The tiles one output chunk owns, in coordinates of its read region."""
-
-    rows: np.ndarray
-    """Indices of the tile rows it owns."""
-    cols: np.ndarray
-    """Indices of the tile columns it owns."""
-    region_yx: tuple[int, int, int, int]
-    """``(y0, y1, x0, x1)`` of the region it reads and accumulates, in level pixels."""
 
 
 def _axis_ownership(
@@ -129,25 +138,31 @@ def refocus_array(
     rows = _axis_ownership(plan.origins_y, tile_h, height, chunk_px)
     cols = _axis_ownership(plan.origins_x, tile_w, width, chunk_px)
 
-    partial = dask.delayed(_partial_sums, nout=4, pure=True)
-    pieces: dict[tuple[int, int], tuple[object, object, object, object]] = {}
+    # Spills arriving from the chunk above / to the left: the top rows and left columns of
+    # a chunk stay float until they are added; the rest is converted in the first task,
+    # so a chunk waiting for its neighbours holds its final dtype, not float32.
+    spill_in_y = [0] + [r[3] - r[2] for r in rows[:-1]]
+    spill_in_x = [0] + [c[3] - c[2] for c in cols[:-1]]
+    partial = dask.delayed(_partial_chunk, nout=6, pure=True)
+    pieces: dict[tuple[int, int], Any] = {}
     for a, (own_r, y0, y1, ry1) in enumerate(rows):
         for b, (own_c, x0, x1, rx1) in enumerate(cols):
             has_tiles = own_r.size > 0 and own_c.size > 0
             region = data[:, y0:ry1, x0:rx1] if has_tiles else None
             pieces[a, b] = partial(
                 region,
-                (n_channels, ry1 - y0, rx1 - x0),
-                (y1 - y0, x1 - x0),
+                _ChunkGeometry(
+                    region_shape=(n_channels, ry1 - y0, rx1 - x0),
+                    chunk_hw=(y1 - y0, x1 - x0),
+                    margin_yx=(spill_in_y[a], spill_in_x[b]),
+                ),
                 plan.origins_y[own_r] - y0,
                 plan.origins_x[own_c] - x0,
                 plan.weights_y[own_r],
                 plan.weights_x[own_c],
                 plan.tissue[np.ix_(own_r, own_c)],
                 model,
-                mean32,
-                std32,
-                batch_size,
+                _Scaling(mean32, std32, dtype, batch_size),
             )
 
     assemble = dask.delayed(_assemble, pure=True)
@@ -156,14 +171,15 @@ def refocus_array(
     for a, (_, y0, y1, _) in enumerate(rows):
         block_row = []
         for b, (_, x0, x1, _) in enumerate(cols):
+            core, top, left = pieces[a, b][0], pieces[a, b][1], pieces[a, b][2]
             block = assemble(
-                pieces[a, b][0],
-                pieces[a - 1, b][2] if a > 0 else None,
-                pieces[a, b - 1][1] if b > 0 else None,
-                pieces[a - 1, b - 1][3] if a > 0 and b > 0 else None,
-                mean32,
-                std32,
-                dtype,
+                core,
+                top,
+                left,
+                pieces[a - 1, b][4] if a > 0 else None,
+                pieces[a, b - 1][3] if b > 0 else None,
+                pieces[a - 1, b - 1][5] if a > 0 and b > 0 else None,
+                _Scaling(mean32, std32, dtype, batch_size),
             )
             shape = (n_channels, y1 - y0, x1 - x0)
             block_row.append(da.from_delayed(block, shape, dtype=dtype, meta=meta))
@@ -171,29 +187,63 @@ def refocus_array(
     return da.block([block_rows])
 
 
-def _partial_sums(
+@dataclass(frozen=True, slots=True)
+class _ChunkGeometry:
+    """Shapes of one chunk's task."""
+
+    region_shape: tuple[int, int, int]
+    """``(c, y, x)`` of the region its tiles cover (the chunk plus its spills)."""
+    chunk_hw: tuple[int, int]
+    """Height and width of the chunk itself."""
+    margin_yx: tuple[int, int]
+    """Rows at the top and columns at the left that neighbours' spills reach."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Scaling:
+    """Normalisation and output conversion."""
+
+    mean: np.ndarray
+    """``(c, 1, 1)`` float32."""
+    std: np.ndarray
+    """``(c, 1, 1)`` float32."""
+    dtype: np.dtype
+    """Output dtype."""
+    batch_size: int
+    """Tiles per model call."""
+
+
+def _partial_chunk(
     region: np.ndarray | None,
-    region_shape: tuple[int, int, int],
-    chunk_hw: tuple[int, int],
+    geometry: _ChunkGeometry,
     origins_y: np.ndarray,
     origins_x: np.ndarray,
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
     model: BatchModel,
-    mean: np.ndarray,
-    std: np.ndarray,
-    batch_size: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Weighted, normalised outputs of one chunk's tiles over its region, in four pieces.
+    scaling: _Scaling,
+) -> tuple[np.ndarray, ...]:
+    """Run one chunk's tiles and blend them over its region.
 
-    Returns the chunk's own area and its spills (right, below, lower-right).
+    Returns ``(core, top, left, right, bottom, corner)``: the chunk in the output dtype
+    (final except its top and left margins), the float sums of those margins (``top``
+    spans the full width, ``left`` the rows below ``top``), and the float spills to the
+    right, below and lower right.
     """
-    acc = np.zeros(region_shape, dtype=np.float32)
+    acc = np.zeros(geometry.region_shape, dtype=np.float32)
+    mean, std = scaling.mean, scaling.std
     if region is not None and origins_y.size and origins_x.size:
-        normalised = (np.asarray(region, dtype=np.float32) - mean) / std
         tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
         pending: list[tuple[int, int]] = []
+
+        def normalised(i: int, j: int) -> np.ndarray:
+            y, x = int(origins_y[i]), int(origins_x[j])
+            # a copy: float32 input would otherwise be normalised in place, twice
+            tile = np.array(region[:, y : y + tile_h, x : x + tile_w], dtype=np.float32)
+            tile -= mean
+            tile /= std
+            return tile
 
         def add(i: int, j: int, output: np.ndarray) -> None:
             y, x = int(origins_y[i]), int(origins_x[j])
@@ -201,13 +251,7 @@ def _partial_sums(
             acc[:, y : y + tile_h, x : x + tile_w] += weight * output
 
         def flush() -> None:
-            batch = np.stack(
-                [
-                    normalised[:, y : y + tile_h, x : x + tile_w]
-                    for y, x in ((int(origins_y[i]), int(origins_x[j])) for i, j in pending)
-                ]
-            )
-            outputs = model(batch)
+            outputs = model(np.stack([normalised(i, j) for i, j in pending]))
             for (i, j), output in zip(pending, outputs, strict=True):
                 add(i, j, output)
             pending.clear()
@@ -215,44 +259,67 @@ def _partial_sums(
         for i in range(origins_y.size):
             for j in range(origins_x.size):
                 if not tissue[i, j]:
-                    y, x = int(origins_y[i]), int(origins_x[j])
-                    add(i, j, normalised[:, y : y + tile_h, x : x + tile_w])
+                    add(i, j, normalised(i, j))  # background passes through
                     continue
                 pending.append((i, j))
-                if len(pending) == batch_size:
+                if len(pending) == scaling.batch_size:
                     flush()
         if pending:
             flush()
-    chunk_h, chunk_w = chunk_hw
+    chunk_h, chunk_w = geometry.chunk_hw
+    top_px, left_px = geometry.margin_yx
+    core = np.zeros((acc.shape[0], chunk_h, chunk_w), dtype=scaling.dtype)
+    _finish_into(core[:, top_px:, left_px:], acc[:, top_px:chunk_h, left_px:chunk_w], scaling)
     return (
-        acc[:, :chunk_h, :chunk_w],
+        core,
+        acc[:, :top_px, :chunk_w].copy(),
+        acc[:, top_px:chunk_h, :left_px].copy(),
         acc[:, :chunk_h, chunk_w:].copy(),
         acc[:, chunk_h:, :chunk_w].copy(),
         acc[:, chunk_h:, chunk_w:].copy(),
     )
 
 
+def _finish_into(out: np.ndarray, normalised: np.ndarray, scaling: _Scaling) -> None:
+    """De-normalise and convert to the output dtype, in row slabs (small temporaries)."""
+    slab_px = 256
+    for y in range(0, normalised.shape[1], slab_px):
+        values = normalised[:, y : y + slab_px] * scaling.std
+        values += scaling.mean
+        out[:, y : y + slab_px] = to_dtype(values, scaling.dtype)
+
+
 def _assemble(
     core: np.ndarray,
+    top: np.ndarray,
+    left: np.ndarray,
     from_above: np.ndarray | None,
     from_left: np.ndarray | None,
     from_above_left: np.ndarray | None,
-    mean: np.ndarray,
-    std: np.ndarray,
-    dtype: np.dtype,
+    scaling: _Scaling,
 ) -> np.ndarray:
-    """Add the neighbours' spills to a chunk and convert it back to the slide's dtype."""
-    total = np.array(core, dtype=np.float32, copy=True)
-    for spill in (from_above, from_left, from_above_left):
-        if spill is not None and spill.size:
-            total[:, : spill.shape[1], : spill.shape[2]] += spill
-    total *= std
-    total += mean
-    return to_dtype(total, dtype)
+    """Add the neighbours' spills to a chunk's margins and finish them."""
+    out = core.copy()
+    top_px, left_px = top.shape[1], left.shape[2]
+    top = top.copy()
+    left = left.copy()
+    if from_above is not None:
+        top[:, : from_above.shape[1], : from_above.shape[2]] += from_above
+    if from_above_left is not None:
+        top[:, : from_above_left.shape[1], : from_above_left.shape[2]] += from_above_left
+    if from_left is not None:
+        rows_px, cols_px = from_left.shape[1], from_left.shape[2]
+        top[:, : min(rows_px, top_px), :cols_px] += from_left[:, :top_px]
+        left[:, : max(0, rows_px - top_px), :cols_px] += from_left[:, top_px:]
+    _finish_into(out[:, :top_px, :], top, scaling)
+    _finish_into(out[:, top_px:, :left_px], left, scaling)
+    return out
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Convert float values to ``dtype``: round, clip to its range for integers.
+
+    ``values`` may be modified in place.
 
     Parameters
     ----------
@@ -268,7 +335,7 @@ def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        out = np.nan_to_num(values, nan=0.0, posinf=info.max, neginf=info.min)
+        out = np.nan_to_num(values, copy=False, nan=0.0, posinf=info.max, neginf=info.min)
         np.rint(out, out=out)
         np.clip(out, info.min, info.max, out=out)
         return out.astype(dtype)

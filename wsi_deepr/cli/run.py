@@ -36,8 +36,8 @@ LOG = logging.getLogger("wsi_deepr")
               help="Pixel size in micrometres per pixel, overriding the file's.")  # fmt: skip
 @click.option("--strict", is_flag=True,
               help="Refuse a slide whose pixel size lies outside the model's range.")  # fmt: skip
-@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Tiles per model call.")  # fmt: skip
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Tiles per model call [default: 1 on the CPU, 8 on a GPU].")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 def run(
@@ -52,7 +52,7 @@ def run(
     scheduler: str | None,
     mpp: float | None,
     strict: bool,
-    batch_size: int,
+    batch_size: int | None,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -61,8 +61,9 @@ def run(
     Writes OUTPUT/report.json (area, tiles, s/mm2, provider, model) and marks the store
     complete last; prints one summary line.
     """
-    from wsi_deepr.run import refocus_slide
+    from wsi_deepr.run import limit_heap_fragmentation, refocus_slide
 
+    limit_heap_fragmentation()
     if quiet:
         LOG.setLevel(max(LOG.level, logging.ERROR))
     report = refocus_slide(
