@@ -312,6 +312,12 @@ def test_ome_zarr_missing_level(tmp_path: Path, ome_zarr_05: Path) -> None:
             "does not have 3 values",
         ),
         (lambda ome: ome.pop("multiscales"), "multiscales"),
+        (
+            lambda ome: ome["multiscales"][0]["datasets"][1]["coordinateTransformations"][0].update(
+                scale=[1.0, 8.0, 8.0]
+            ),
+            "scale says 16x",
+        ),
     ],
 )
 def test_ome_zarr_metadata_contradicting_arrays(

@@ -157,6 +157,29 @@ def _axes(path: str, ms: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
     return names, by_name
 
 
+def _hex_color(value: Any, default: str) -> str:
+    """An ``RRGGBB`` colour from omero metadata, or the default when it is not one."""
+    text = str(value).upper() if isinstance(value, str) else ""
+    if len(text) == 6 and all(ch in "0123456789ABCDEF" for ch in text):
+        return text
+    return default
+
+
+def _check_level_scales(path: str, sources: list[ZarrLevelSource], x_scales: list[float]) -> None:
+    """Each level's x scale must grow as its width shrinks (within 10 %)."""
+    w0, s0 = sources[0].shape[2], x_scales[0]
+    for source, scale in zip(sources[1:], x_scales[1:], strict=True):
+        if not (s0 > 0 and scale > 0 and math.isfinite(scale)):
+            continue  # level 0's own scale is judged as the pixel size
+        by_shape, by_scale = w0 / source.shape[2], scale / s0
+        if abs(by_scale - by_shape) > 0.1 * by_shape:
+            raise MetadataError(
+                path,
+                f"level {source.label!r} is {by_shape:.3g}x smaller than level 0 but its "
+                f"scale says {by_scale:.3g}x",
+            )
+
+
 def open_ome_zarr(path: str | Path, *, mpp: float | None = None) -> Slide:
     """Open an OME-Zarr image lazily.
 
@@ -260,6 +283,8 @@ def _open_ome_zarr(path_str: str, mpp: float | None) -> Slide:
         LOG.warning("%s: pixels are not square (%g x %g um); using x", path_str, file_mpp, y_mpp)
     if not any(isinstance(d, dict) and d.get("coordinateTransformations") for d in datasets):
         file_mpp = None  # no scale anywhere: the pixel size is unknown, not 1 um
+    else:
+        _check_level_scales(path_str, sources, [sc[axes.index("x")] for sc in scales])
     slide_mpp = resolve_mpp(path_str, file_mpp, mpp)
 
     levels = [lazy_level(src) for src in sources]
@@ -277,7 +302,7 @@ def _open_ome_zarr(path_str: str, mpp: float | None) -> Slide:
     if channels is not None and len(channels) == n_channels:
         names = tuple(str(ch.get("label") or n) for ch, n in zip(channels, names, strict=True))
         colors = tuple(
-            str(ch.get("color") or c).upper()[-6:] for ch, c in zip(channels, colors, strict=True)
+            _hex_color(ch.get("color"), c) for ch, c in zip(channels, colors, strict=True)
         )
     elif channels is not None:
         LOG.warning(
