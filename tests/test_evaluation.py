@@ -41,6 +41,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "fluo_blur": make_blur_model(folder / "fluo-blur.onnx", channels=1, metadata=FLUO_CARD),
         "he_identity": make_identity_model(folder / "he-id.onnx", channels=3, metadata=HE_CARD),
+        "fluo_identity": make_identity_model(folder / "fl-id.onnx", channels=1, metadata=FLUO_CARD),
     }
 
 
@@ -204,3 +205,28 @@ def test_held_out_fields_come_from_the_test_split() -> None:
     }
     assert all(name in held_out for name, _ in fields)
     assert all(f.shape == (3, 256, 256) for _, f in fields)
+
+
+def test_real_zstack_ground_truth_is_the_plane_closest_to_the_edof(
+    tmp_path: Path, tiny: dict[str, Path]
+) -> None:
+    import tifffile
+
+    from wsi_deepr import physics
+    from wsi_deepr.evaluation_suite import zstack_quality
+
+    sharp = _field((1, 80, 90), 6)
+    optics = (physics.Optics(na=0.75, wavelength_um=0.55, mpp=0.3),)
+    heights = np.arange(-6, 5) * 0.5  # in focus at index 6
+    stack = np.stack([physics.defocus_image(sharp, z, optics=optics)[0] for z in heights])
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, (stack * 60000).astype(np.uint16))
+    model = evaluation.load_model(tiny["fluo_identity"])
+    rows = zstack_quality(model, path, z_step_um=0.5)
+    inputs = [r for r in rows if r["method"] == "input"]
+    assert [r["defocus_um"] for r in inputs] == list(heights)
+    best = max(inputs, key=lambda r: r["ssim"])
+    assert best["defocus_um"] == 0.0 and best["ssim"] == pytest.approx(1.0)
+    outputs = [r for r in rows if r["method"] == "deepr"]
+    for i, o in zip(inputs, outputs, strict=True):
+        assert o["rmse"] == pytest.approx(i["rmse"], abs=1e-4)
