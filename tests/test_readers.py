@@ -199,6 +199,14 @@ def test_one_by_one_and_long_strip(tmp_path: Path) -> None:
         slide.data[0, 0, 500_000:500_100].compute(), strip[0, 500_000:500_100]
     )
 
+    column = np.ascontiguousarray(strip.T)  # 1,000,000 rows x 1 column
+    tifffile.imwrite(tmp_path / "column.tif", column, tile=None)
+    slide = open_slide(tmp_path / "column.tif", mpp=1.0)
+    assert slide.data.shape == (1, 1_000_000, 1)
+    assert slide.data.numblocks == (1, 977, 1)
+    np.testing.assert_array_equal(slide.data[0, 999_000:, 0].compute(), column[999_000:, 0])
+    assert slide.thumbnail.compute().shape == (1, 1953, 1)
+
 
 # --- pixel size rules -------------------------------------------------------------------
 
