@@ -277,6 +277,34 @@ def test_ome_zarr_04_and_file_url(ome_zarr_04: Path, fluo_image: np.ndarray) -> 
     np.testing.assert_array_equal(by_url.data[:, :100, :100].compute(), fluo_image[:, :100, :100])
 
 
+def test_ome_zarr_over_http(slide_dir: Path, ome_zarr_05: Path, rgb_image: np.ndarray) -> None:
+    """An fsspec URL: the store served by a local HTTP server (no network needed)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(slide_dir))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{ome_zarr_05.name}"
+        slide = open_slide(url)
+        assert slide.format_name == "ome-zarr:0.5" and slide.mpp == pytest.approx(RGB_MPP)
+        np.testing.assert_array_equal(
+            slide.data.blocks[0, 1, 2].compute(), rgb_image[:, 1024:, 2048:]
+        )
+        with pytest.raises(InputError, match=r"cannot open the store|no Zarr group") as info:
+            open_slide(url.replace(ome_zarr_05.name, "missing.zarr"))
+        assert "missing.zarr" in str(info.value)
+    finally:
+        server.shutdown()
+
+
 def _copy_store(src: Path, dst: Path) -> Path:
     import shutil
 

@@ -214,8 +214,15 @@ def open_ome_zarr(path: str | Path, *, mpp: float | None = None) -> Slide:
 
 
 def _open_ome_zarr(path_str: str, mpp: float | None) -> Slide:
-    group = zarr.open_group(path_str, mode="r")
-    attrs = group.attrs.asdict()
+    try:
+        group = zarr.open_group(path_str, mode="r")
+        attrs = group.attrs.asdict()
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise InputError(path_str, "no Zarr group here") from exc
+    except (*_MALFORMED, ImportError) as exc:
+        raise InputError(path_str, f"cannot open the store ({type(exc).__name__}: {exc})") from exc
+    except Exception as exc:  # remote backends (s3fs, gcsfs, aiohttp) raise their own types
+        raise InputError(path_str, f"cannot open the store ({type(exc).__name__}: {exc})") from exc
     version, ms, omero = _multiscales(path_str, attrs)
     axes, axis_info = _axes(path_str, ms)
     datasets = ms.get("datasets")
@@ -235,7 +242,7 @@ def _open_ome_zarr(path_str: str, mpp: float | None) -> Slide:
             raise MetadataError(
                 path_str, f"level {level_path!r} listed in the metadata is missing"
             ) from exc
-        except _MALFORMED as exc:
+        except Exception as exc:  # as above: local and remote stores fail in many ways
             raise InputError(
                 path_str, f"level {level_path!r} cannot be opened ({type(exc).__name__}: {exc})"
             ) from exc
