@@ -163,3 +163,80 @@ def test_cli_bad_input_exits_2_with_one_line(tmp_path, odd_slide, args, subject,
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "out.zarr").exists()
     assert (existing / "zarr.json").read_text() == "{}"
+
+
+LIMITED_RUN = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from wsi_deepr.cli import main
+main(sys.argv[2:])
+"""
+
+
+def test_disk_full_mid_write_exits_2_and_leaves_a_store_marked_incomplete(
+    tmp_path, models, odd_slide
+):
+    path, _ = odd_slide
+    script = tmp_path / "limited.py"
+    script.write_text(LIMITED_RUN)
+    out = tmp_path / "out.zarr"
+    done = subprocess.run(
+        [sys.executable, str(script), str(1 << 20), "run", str(path), str(out),
+         "--model", str(models["identity"])],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    # the error is the one line after the device line (this ORT lists CUDA it cannot load)
+    lines = [line for line in done.stderr.strip().splitlines() if "device auto" not in line]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"wsi-deepr: error: {out}: write failed")
+    assert "incomplete" in lines[0] and "Traceback" not in done.stderr
+    assert not is_complete(out)
+    assert zarr.open_group(str(out), mode="r").attrs["wsi_deepr"]["complete"] is False
+
+
+def _border_gradient_ratio(image: np.ndarray, borders: np.ndarray) -> float:
+    """Mean gradient across tile-border rows over that across rows just beside them."""
+    grey = image.astype(np.float64).mean(axis=0)
+    step = np.abs(np.diff(grey, axis=0))  # step[i] = |row i+1 - row i|
+    on = [b - 1 for b in borders if 8 <= b < grey.shape[0] - 8]
+    beside = [b - 1 + d for b in borders if 8 <= b < grey.shape[0] - 8 for d in (-4, -3, 3, 4)]
+    return float(step[on].mean() / step[beside].mean())
+
+
+def test_no_seams_with_the_shipped_model_on_a_real_slide(tmp_path):
+    from wsi_deepr.cli.demo import SAMPLE
+    from wsi_deepr.model_registry import shipped_cards
+    from wsi_deepr.tiling import TileGrid
+
+    if not any(card.modality == "brightfield" for card, _ in shipped_cards().values()):
+        pytest.skip("no shipped brightfield model in models/ yet")
+    refocus_slide(SAMPLE, tmp_path / "out.zarr")
+    out = level0(tmp_path / "out.zarr")
+    grid = TileGrid(512, 64)
+    for axis_image, extent in ((out, out.shape[1]), (out.transpose(0, 2, 1), out.shape[2])):
+        origins = grid.origins(extent)
+        borders = np.unique(np.concatenate([origins[1:], origins[:-1] + 512]))
+        ratio = _border_gradient_ratio(axis_image, borders)
+        assert abs(ratio - 1) <= 0.05, ratio
+
+
+def test_demo_writes_its_outputs_and_reports_ssim(tmp_path, models, monkeypatch):
+    """With an identity model as the 'shipped' one, SSIM after equals SSIM before."""
+    import json
+
+    from wsi_deepr.cli.demo import run_demo
+
+    folder = tmp_path / "models"
+    make_identity_model(folder / "he-identity.onnx")
+    card = {"name": "he-identity", "file": "he-identity.onnx", "modality": "brightfield",
+            "channels": ["R", "G", "B"], "in_channels": 3, "input_name": "input",
+            "output_name": "output", "objective_na": 0.75}  # fmt: skip
+    (folder / "he-identity.json").write_text(json.dumps(card))
+    monkeypatch.setenv("WSI_DEEPR_MODELS", str(folder))
+    result = run_demo(tmp_path / "demo", size_px=400, max_defocus_um=3.0)
+    assert (tmp_path / "demo" / "side_by_side.png").is_file()
+    assert is_complete(tmp_path / "demo" / "out.zarr")
+    assert result["ssim_before"] < 0.95
+    assert result["ssim_after"] == pytest.approx(result["ssim_before"], abs=1e-9)

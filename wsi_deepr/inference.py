@@ -127,7 +127,12 @@ def select_provider(device: str) -> str:
             if provider_loads(provider):
                 LOG.info("device auto: using %s", provider)
                 return provider
-        LOG.warning("device auto: no usable GPU provider (CUDA/TensorRT) loads; using the CPU")
+        import onnxruntime as ort
+
+        listed = {TENSORRT, CUDA} & set(ort.get_available_providers())
+        # A GPU build whose providers do not load deserves a warning; a CPU build does not.
+        log = LOG.warning if listed else LOG.info
+        log("device auto: no usable GPU provider (CUDA/TensorRT) loads; using the CPU")
         return CPU
     provider = _PROVIDER_OF_DEVICE[device]
     if not provider_loads(provider):
