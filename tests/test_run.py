@@ -240,3 +240,21 @@ def test_demo_writes_its_outputs_and_reports_ssim(tmp_path, models, monkeypatch)
     assert is_complete(tmp_path / "demo" / "out.zarr")
     assert result["ssim_before"] < 0.95
     assert result["ssim_after"] == pytest.approx(result["ssim_before"], abs=1e-9)
+
+
+REAL_WSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"
+
+
+@pytest.mark.parametrize(
+    "name", ["CMU-1-Small-Region.svs", "test3-DAPI-2-387.ndpi", "test3-TRITC-2-560.ndpi"]
+)
+def test_real_slides_run_end_to_end(tmp_path, name):
+    path = REAL_WSI / name
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (real data live in ../shared/data/wsi)")
+    model = make_identity_model(tmp_path / "any.onnx", channels=None)  # any channel count
+    report = refocus_slide(path, tmp_path / "out.zarr", model=model)
+    slide = open_slide(path)
+    np.testing.assert_array_equal(level0(tmp_path / "out.zarr"), slide.data.compute())
+    assert report.shape_cyx == (slide.n_channels, *slide.shape_yx)
+    assert is_complete(tmp_path / "out.zarr")

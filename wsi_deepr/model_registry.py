@@ -158,8 +158,20 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def card_from_onnx(path: Path) -> ModelCard:
+def card_from_onnx(
+    path: Path, *, default_channels: int = 3, default_modality: str | None = None
+) -> ModelCard:
     """A card for an ONNX file: its ``metadata_props`` if present, else inferred defaults.
+
+    Parameters
+    ----------
+    path : Path
+        The ONNX file.
+    default_channels : int
+        Channels assumed when the input's channel dimension is dynamic.
+    default_modality : str, optional
+        Modality assumed when the metadata gives none (by default: brightfield for three
+        channels, else fluorescence).
 
     Raises
     ------
@@ -181,11 +193,12 @@ def card_from_onnx(path: Path) -> ModelCard:
     if len(dims) != 4:
         raise ModelError(path, f"expected an (n, c, y, x) input, found {len(dims)} dimensions")
     channel_dim = dims[1].dim_value if dims[1].HasField("dim_value") else 0
-    in_channels = int(channel_dim) if channel_dim > 0 else 3
+    in_channels = int(channel_dim) if channel_dim > 0 else default_channels
+    modality = default_modality or ("brightfield" if in_channels == 3 else "fluorescence")
     values: dict[str, Any] = {
         "name": path.stem,
         "file": path.name,
-        "modality": "brightfield" if in_channels == 3 else "fluorescence",
+        "modality": modality,
         "channels": ["R", "G", "B"] if in_channels == 3 else [f"C{i}" for i in range(in_channels)],
         "in_channels": in_channels,
         # Unknown: the U-Nets here need multiples of 16; padding more is harmless.
@@ -281,7 +294,9 @@ def _find(name_or_path: str | Path | None, slide: Slide) -> tuple[ModelCard, Pat
             values.setdefault("name", path.stem)
             values["file"] = path.name
             return ModelCard.from_dict(values, source=card_path), path
-        return card_from_onnx(path), path
+        return card_from_onnx(
+            path, default_channels=slide.n_channels, default_modality=slide.modality
+        ), path
     names = ", ".join(sorted(shipped)) or "none shipped"
     raise ModelError(text, f"unknown model (available: {names})", hint="or give a path.onnx")
 
