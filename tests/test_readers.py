@@ -637,3 +637,17 @@ def test_modality_from_background(
     if np.dtype(dtype).kind in "iu":
         image = np.clip(np.round(image), 0, np.iinfo(dtype).max)
     assert guess_modality(image.astype(dtype)) == expected
+
+
+def test_open_file_handles_are_bounded(tmp_path: Path) -> None:
+    """A batch over many slides in one process must not run out of file descriptors."""
+    from wsi_deepr.readers import tiff_reader
+
+    slides = []
+    for i in range(tiff_reader.MAX_OPEN_FILES + 4):
+        image = np.full((1, 40, 50), i, np.uint8)
+        slides.append(open_slide(make_tiff_slide(tmp_path / f"{i}.tif", image, 0.5, tile=16)))
+        assert len(tiff_reader._OPEN) <= tiff_reader.MAX_OPEN_FILES
+    # the first handles were dropped; their slides reopen the file on demand
+    for i, slide in enumerate(slides):
+        assert int(slide.data[0, 5, 5].compute()) == i

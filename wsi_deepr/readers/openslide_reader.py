@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,10 @@ from wsi_deepr.slide import Slide
 
 LOG = logging.getLogger("wsi_deepr")
 
-_OPEN: dict[tuple[str, int, int], openslide.OpenSlide] = {}
+_OPEN: OrderedDict[tuple[str, int, int], openslide.OpenSlide] = OrderedDict()
+MAX_OPEN_FILES = 16
+"""Handles kept open per process; the least recently used are dropped (not closed: a
+Dask thread may still read through one; it closes when the last reference goes)."""
 _OPEN_LOCK = threading.Lock()
 
 
@@ -51,6 +55,9 @@ def _handle(path: str) -> openslide.OpenSlide:
         if handle is None:
             handle = openslide.OpenSlide(path)
             _OPEN[key] = handle
+            while len(_OPEN) > MAX_OPEN_FILES:
+                _OPEN.popitem(last=False)
+        _OPEN.move_to_end(key)
         return handle
 
 

@@ -13,6 +13,7 @@ import math
 import os
 import struct
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -70,7 +71,10 @@ _MALFORMED = (
 )
 """What tifffile raises on malformed files (beyond its own TiffFileError)."""
 
-_OPEN: dict[tuple[str, int, int], tifffile.TiffFile] = {}
+_OPEN: OrderedDict[tuple[str, int, int], tifffile.TiffFile] = OrderedDict()
+MAX_OPEN_FILES = 16
+"""Handles kept open per process; the least recently used are dropped (not closed: a
+Dask thread may still read through one; it closes when the last reference goes)."""
 _OPEN_LOCK = threading.Lock()
 
 
@@ -103,6 +107,9 @@ def _tiff(path: str) -> tifffile.TiffFile:
             # (tifffile's file lock is a no-op unless switched on).
             tif.filehandle.set_lock(True)
             _OPEN[key] = tif
+            while len(_OPEN) > MAX_OPEN_FILES:
+                _OPEN.popitem(last=False)
+        _OPEN.move_to_end(key)
         return tif
 
 
