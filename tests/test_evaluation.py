@@ -230,3 +230,39 @@ def test_real_zstack_ground_truth_is_the_plane_closest_to_the_edof(
     outputs = [r for r in rows if r["method"] == "deepr"]
     for i, o in zip(inputs, outputs, strict=True):
         assert o["rmse"] == pytest.approx(i["rmse"], abs=1e-4)
+
+
+def test_targets_and_comparisons_from_results() -> None:
+    from wsi_deepr.evaluation_summary import comparisons, table_text, targets
+
+    def q(method: str, z: float, ssim: float) -> dict[str, float | str]:
+        return {"method": method, "defocus_um": z, "ssim_mean": ssim, "rmse_mean": 0.1}
+
+    model = {
+        "name": "m",
+        "fields": ["a"],
+        "card": {"defocus_range_um": [-4.0, 4.0]},
+        "quality": [
+            q("input", 0.0, 0.95), q("deepr", 0.0, 0.94),
+            q("input", 2.0, 0.60), q("deepr", 2.0, 0.85),
+            q("input", 4.0, 0.40), q("deepr", 4.0, 0.50),
+            q("input", 6.0, 0.30), q("deepr", 6.0, 0.30),
+            q("deepr_crop10", 2.0, 0.85), q("rl_crop10", 2.0, 0.90),
+            q("landweber_crop10", 2.0, 0.848),
+        ],
+        "autofocus": [{"criterion": "VOL5", "images_mean": 9.0, "s_per_mm2_mean": 5.0,
+                       "found_focus_fraction": 1.0}],
+        "deepr_speed": {"s_per_mm2": 2.0, "provider": "CPUExecutionProvider"},
+    }  # fmt: skip
+    met = {(t["target"][:10], t["defocus_um"]): t["met"] for t in targets(model)}
+    assert met == {
+        ("output SSI", 0.0): True,
+        ("SSIM chang", 0.0): True,
+        ("output SSI", 2.0): True,
+        ("SSIM gain ", 2.0): True,
+        ("output SSI", 4.0): False,
+        ("SSIM gain ", 4.0): False,
+    }
+    text = "\n".join(comparisons(model))
+    assert "loses to RL" in text and "matches Landweber" in text and "is faster" in text
+    assert "+6.0" in table_text(model)

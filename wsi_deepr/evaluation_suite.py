@@ -335,21 +335,3 @@ def _options_dict(options: SuiteOptions) -> dict[str, Any]:
     values = asdict(options)
     values["timing"]["fov_mm2_at_0.325mpp"] = options.timing.fov_mm2
     return values
-
-
-def table_text(model_result: dict[str, Any]) -> str:
-    """The SSIM / RMSE vs z table of input and output, as terminal text."""
-    by = {(r["method"], r["defocus_um"]): r for r in model_result["quality"]}
-    zs = sorted({z for (m, z) in by if m == "input"})
-    lines = [
-        f"{model_result['name']}  ({len(model_result['fields'])} held-out fields, "
-        f"mean over fields)",
-        f"{'z_um':>6} {'SSIM in':>8} {'SSIM out':>8} {'RMSE in':>8} {'RMSE out':>8}",
-    ]
-    for z in zs:
-        i, o = by[("input", z)], by[("deepr", z)]
-        lines.append(
-            f"{z:>+6.1f} {i['ssim_mean']:>8.3f} {o['ssim_mean']:>8.3f} "
-            f"{i['rmse_mean']:>8.4f} {o['rmse_mean']:>8.4f}"
-        )
-    return "\n".join(lines)

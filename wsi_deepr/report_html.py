@@ -5,7 +5,7 @@ Written from the JSON-ready results of :func:`wsi_deepr.evaluation_suite.evaluat
 - ``results.json``: everything, with provenance (command, package versions, git commit);
 - ``quality.csv`` (every field, z, method), ``quality_summary.csv`` (mean/std over fields),
   ``tilt.csv``, ``autofocus.csv``, ``autofocus_summary.csv``, ``deepr_speed.csv``,
-  ``beads.csv``, ``zstack.csv``;
+  ``beads.csv``, ``zstack.csv``, ``targets.csv`` (the model issue's quality targets);
 - ``fig_*.png`` and ``index.html`` with the same figures embedded (base64), so the page
   is one self-contained file.
 """
@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from wsi_deepr.evaluation_summary import comparisons, targets
+
 PACKAGES = (
     "wsi-deepr",
     "numpy",
@@ -37,6 +39,9 @@ PACKAGES = (
     "dask",
     "tifffile",
 )
+
+
+TARGET_KEYS = ["target", "defocus_um", "value", "threshold", "met"]
 
 
 def provenance(command: list[str]) -> dict[str, Any]:
@@ -277,6 +282,7 @@ def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> P
             "deepr_speed",
             "beads",
             "zstack",
+            "targets",
         )
     }
     for m in models:
@@ -301,12 +307,17 @@ def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> P
                 flat["beads"].append(row)
         if "zstack" in m:
             flat["zstack"] += [tag | r for r in m["zstack"]["quality"]]
+        flat["targets"] += [tag | r for r in targets(m)]
     for name, rows in flat.items():
         _write_csv(out / f"{name}.csv", rows)
 
     parts = [_HEAD, _provenance_html(results["provenance"])]
     for m in models:
         parts.append(_model_header(m))
+        parts.append("<h3>Verdict</h3>" + _table(targets(m), TARGET_KEYS))
+        parts.append(
+            "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in comparisons(m)) + "</ul>"
+        )
         parts.append("<h3>1. Quality vs defocus (Fig. 2b, 8)</h3>" + _quality_figure(m, out))
         keys = [
             "method",

@@ -95,7 +95,8 @@ def evaluate(
     from wsi_deepr.autofocus import ScanTiming
     from wsi_deepr.errors import InputError, ModelError, OutputError
     from wsi_deepr.evaluation import load_model
-    from wsi_deepr.evaluation_suite import SuiteOptions, evaluate_models, table_text
+    from wsi_deepr.evaluation_suite import SuiteOptions, evaluate_models
+    from wsi_deepr.evaluation_summary import table_text, targets
     from wsi_deepr.model_registry import shipped_cards
     from wsi_deepr.report_html import write_report
 
@@ -137,5 +138,9 @@ def evaluate(
     index = write_report(results, out, command=command)
     for model in results["models"]:
         click.echo(table_text(model))
+        missed = [t for t in targets(model) if not t["met"]]
+        click.echo(f"targets missed: {len(missed)} of {len(targets(model))}")
+        for t in missed:
+            click.echo(f"  {t['target']} at z = {t['defocus_um']:+g} um: {t['value']:.3f}")
         click.echo()
     click.echo(f"report: {index}  ({shlex.join(command)})")
