@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -58,7 +60,7 @@ def test_blur_grows_monotonically_beyond_depth_of_field() -> None:
         _radius_holding(psf(optics, z, size_px=201), optics.mpp, 0.8)
         for z in np.arange(1.0, 10.5, 0.5)
     ]
-    assert all(b > a for a, b in zip(radii, radii[1:], strict=False))
+    assert all(b > a for a, b in itertools.pairwise(radii))
     # Geometric optics: a uniform pupil puts a fraction q of the energy inside the rays
     # with sin(theta) <= sqrt(q) NA, which land at r = z tan(theta).
     geometric_80_um = 10.0 * np.tan(np.arcsin(np.sqrt(0.8) * optics.na))

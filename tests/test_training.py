@@ -69,7 +69,7 @@ def banks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Simulat
 
 
 def _config(banks: tuple[Path, Path, SimulationSettings], iterations: int) -> TrainConfig:
-    train_bank, val_bank, settings = banks
+    train_bank, val_bank, _ = banks
     return TrainConfig(
         name="tiny",
         modality="brightfield",
