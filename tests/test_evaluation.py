@@ -266,3 +266,14 @@ def test_targets_and_comparisons_from_results() -> None:
     text = "\n".join(comparisons(model))
     assert "loses to RL" in text and "matches Landweber" in text and "is faster" in text
     assert "+6.0" in table_text(model)
+
+
+def test_autofocus_on_the_real_bead_stack() -> None:
+    from wsi_deepr.evaluation_suite import SuiteOptions, autofocus_real_stack
+
+    if not (SHARED_DATA / "beads" / "bian_bead_image1_crop.tif").is_file():
+        pytest.skip(f"real bead stacks not available ({SHARED_DATA / 'beads'} is absent)")
+    rows = autofocus_real_stack(SHARED_DATA, SuiteOptions(autofocus_starts=2))
+    assert len(rows) == 2 * 4
+    assert all(r["found_focus"] for r in rows if r["criterion"] in ("STD", "NVAR"))
+    assert all(5 <= r["images"] <= 30 for r in rows)

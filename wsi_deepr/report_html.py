@@ -359,7 +359,13 @@ def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> P
             parts.append(_beads_figure(m, out))
         sp = m["deepr_speed"]
         parts.append("<h3>6. Online autofocus (Table 1) vs Deep-R</h3>")
+        parts.append("<p>Simulated stacks of the held-out fields (true focus known):</p>")
         parts.append(_table(m["autofocus"], list(m["autofocus"][0]) if m["autofocus"] else []))
+        if m.get("autofocus_real"):
+            parts.append(
+                "<p>Real bead z-stack (bian, 0.125 um planes; focus = sharpest plane):</p>"
+            )
+            parts.append(_table(m["autofocus_real"], list(m["autofocus_real"][0])))
         parts.append(
             f"<p>Deep-R: {sp['s_per_mm2']:.3g} s/mm<sup>2</sup> ({sp['seconds']:.3g} s for "
             f"{sp['edge_px']}x{sp['edge_px']} px at {sp['mpp']} um/px, {sp['provider']}).</p>"
