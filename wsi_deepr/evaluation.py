@@ -177,16 +177,26 @@ class EvalSettings:
         return (physics.Optics(self.na, self.emission_um, self.mpp, 1.0, self.spherical_waves),)
 
 
-def settings_for(model: ModelUnderTest, *, quick: bool = False, **overrides: Any) -> EvalSettings:
+def settings_for(
+    model: ModelUnderTest,
+    *,
+    quick: bool = False,
+    z_max_um: float | None = None,
+    **overrides: Any,
+) -> EvalSettings:
     """Evaluation settings from a model card: z = 0, +/-1, +/-2 ... up to its range.
 
     Uses the card's NA (0.75 brightfield / 0.95 fluorescence if absent) and the middle of
     its mpp range. ``quick`` keeps every other integer z, 2 fields and 192 px crops.
+    ``z_max_um`` widens the z range to +/- that (models trained on a shorter range are
+    then also seen beyond it, as in the paper's Fig. 8).
     """
     card = model.card
     na = float(card.objective_na or (0.75 if model.modality == "brightfield" else 0.95))
     lo, hi = card.mpp_range or ((0.25, 0.5) if model.modality == "brightfield" else (0.15, 0.3))
     z_lo, z_hi = model.defocus_range_um
+    if z_max_um is not None:
+        z_lo, z_hi = min(z_lo, -abs(z_max_um)), max(z_hi, abs(z_max_um))
     zs = [float(z) for z in range(math.ceil(z_lo), math.floor(z_hi) + 1)]
     values: dict[str, Any] = {"n_fovs": 20, "crop_px": 256}
     if quick:

@@ -287,7 +287,11 @@ def evaluate_models(
     results = []
     for model in models:
         t0 = time.perf_counter()
-        settings = evaluation.settings_for(model, quick=options.quick)
+        # Every model of a modality is seen over the widest training range among them.
+        z_max = max(
+            max(abs(v) for v in m.defocus_range_um) for m in models if m.modality == model.modality
+        )
+        settings = evaluation.settings_for(model, quick=options.quick, z_max_um=z_max)
         fields = evaluation.held_out_fields(data_dir, settings)
         z_hi = max(abs(v) for v in model.defocus_range_um)
         deconv_z = sorted({float(round(s * f * z_hi)) for f in (0.3, 0.6) for s in (-1, 1)})
