@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -52,9 +53,9 @@ class Pyramid:
     level_shapes: tuple[tuple[int, int, int], ...]
     """Shapes ``(c, y, x)`` of the levels."""
     level0_s: float
-    """Seconds to compute and store level 0 (the model runs here)."""
+    """Seconds to compute and store level 0 (the model runs here), and level 1 with it."""
     pyramid_s: float
-    """Seconds for the downsampled levels."""
+    """Seconds for the further downsampled levels."""
 
 
 def prepare_output(path: str | Path, *, overwrite: bool = False) -> Path:
@@ -164,7 +165,7 @@ def write_pyramid(
     if ngff not in ("0.4", "0.5"):
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
     out = prepare_output(path, overwrite=overwrite)
-    run = compute or (lambda delayed: delayed.compute())
+    run = compute or (lambda graph: dask.compute(graph))
     n_channels = int(level0.shape[0])
     chunk_y, chunk_x = int(level0.chunks[1][0]), int(level0.chunks[2][0])
     zarr_format: Literal[2, 3] = 3 if ngff == "0.5" else 2
@@ -174,6 +175,12 @@ def write_pyramid(
         _remove_old(out)
         group = zarr.open_group(str(out), mode="w-", zarr_format=zarr_format)
         group.attrs["wsi_deepr"] = {**provenance, "complete": False}
+        # Level 1 is computed from level 0's blocks while they are in memory (no re-read)
+        # when every block halves to at least one pixel; the levels below then have
+        # chunks half as large, so each stays aligned with the blocks that write it.
+        halves = all(n >= 2 for n in (*level0.chunks[1], *level0.chunks[2]))
+        from_memory = len(shapes) > 1 and halves and chunk_y % 2 == 0 and chunk_x % 2 == 0
+        low_chunks = (chunk_y // 2, chunk_x // 2) if from_memory else (chunk_y, chunk_x)
         arrays: list[Any] = []
         for k, shape in enumerate(shapes):
             arrays.append(
@@ -181,17 +188,27 @@ def write_pyramid(
                     f"{prefix}{k}",
                     shape=shape,
                     dtype=level0.dtype,
-                    chunks=(n_channels, chunk_y, chunk_x),
+                    chunks=(n_channels, *((chunk_y, chunk_x) if k == 0 else low_chunks)),
                     fill_value=0,
                     **_format_options(zarr_format),
                 )
             )
         started = time.perf_counter()
-        run(da.store(level0, arrays[0], lock=False, compute=False))
+        if from_memory:
+            level1 = da.map_blocks(
+                _mean2x2,
+                level0,
+                chunks=(level0.chunks[0], *(tuple(n // 2 for n in c) for c in level0.chunks[1:])),
+                dtype=level0.dtype,
+                meta=np.empty((0, 0, 0), dtype=level0.dtype),
+            )
+            run(da.store([level0, level1], arrays[:2], lock=False, compute=False))
+        else:
+            run(da.store(level0, arrays[0], lock=False, compute=False))
         level0_s = time.perf_counter() - started
         started = time.perf_counter()
-        for k in range(1, len(shapes)):
-            run(da.store(_downsample(arrays[k - 1], (chunk_y, chunk_x)), arrays[k],
+        for k in range(2 if from_memory else 1, len(shapes)):
+            run(da.store(_downsample(arrays[k - 1], low_chunks), arrays[k],
                          lock=False, compute=False))  # fmt: skip
         pyramid_s = time.perf_counter() - started
         paths = tuple(f"{prefix}{k}" for k in range(len(shapes)))
@@ -261,7 +278,8 @@ def _downsample(source: Any, chunk_yx: tuple[int, int]) -> da.Array:
 
 
 def _mean2x2(block: np.ndarray) -> np.ndarray:
-    """Mean of each 2x2 pixel block, rounded back to the block's dtype."""
+    """Mean of each 2x2 pixel block, rounded back to the block's dtype (odd edges dropped)."""
+    block = block[:, : block.shape[1] // 2 * 2, : block.shape[2] // 2 * 2]
     wide = np.float64 if block.dtype.itemsize > 2 else np.float32
     total: np.ndarray = block[:, 0::2, 0::2].astype(wide)
     total += block[:, 1::2, 0::2]
