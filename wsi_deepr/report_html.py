@@ -252,6 +252,22 @@ def _model_header(m: dict[str, Any]) -> str:
     )
 
 
+def _speed_html(sp: dict[str, Any], settings: dict[str, Any]) -> str:
+    cpu = sp.get("cpu_seconds")
+    extra = (
+        f"; {cpu:.3g} CPU-s on {sp['threads']} threads, load average {sp['load_average_1min']:.1f}"
+        if cpu is not None
+        else ""
+    )
+    return (
+        f"<p>Deep-R: <b>{sp['s_per_mm2']:.3g} s/mm<sup>2</sup></b> measured ({sp['seconds']:.3g} s "
+        f"wall for {sp['edge_px']}x{sp['edge_px']} px at {sp['mpp']} um/px, {sp['provider']}"
+        f"{extra}). The online autofocus figures use the stated exposure and stage-move times "
+        "per image plus the measured criterion cost scaled to a 2048x2048 camera field at "
+        f"{settings['mpp']} um/px; the final in-focus capture is excluded, as in the paper.</p>"
+    )
+
+
 def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> Path:
     """Write the report folder and return the path of ``index.html``.
 
@@ -366,10 +382,7 @@ def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> P
                 "<p>Real bead z-stack (bian, 0.125 um planes; focus = sharpest plane):</p>"
             )
             parts.append(_table(m["autofocus_real"], list(m["autofocus_real"][0])))
-        parts.append(
-            f"<p>Deep-R: {sp['s_per_mm2']:.3g} s/mm<sup>2</sup> ({sp['seconds']:.3g} s for "
-            f"{sp['edge_px']}x{sp['edge_px']} px at {sp['mpp']} um/px, {sp['provider']}).</p>"
-        )
+        parts.append(_speed_html(sp, m["settings"]))
         if "zstack" in m:
             parts.append(
                 "<h3>Real z-stack</h3>"
