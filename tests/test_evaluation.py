@@ -161,7 +161,16 @@ def test_evaluate_quick_writes_the_report(
 ) -> None:
     data = _fake_data_dir(tmp_path / "data")
     out = tmp_path / "report"
-    argv = ["evaluate", "--model", str(tiny["fluo_blur"]), "--out", str(out), "--quick"]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny["fluo_blur"]),
+        "--out",
+        str(out),
+        "--quick",
+        "--fovs",
+        "2",
+    ]
     main([*argv, "--data-dir", str(data)])
     printed = capsys.readouterr().out
     assert "SSIM in" in printed and "+4.0" in printed and "report:" in printed

@@ -51,6 +51,8 @@ class SuiteOptions:
     """Edge of the image timed for Deep-R's seconds per mm^2."""
     seed: int = 0
     """Seed of the starting heights."""
+    n_fovs: int | None = None
+    """Held-out fields per model (default 20, quick 2)."""
 
 
 def _stack_planes(stack: NDArray[Any], model: ModelUnderTest) -> NDArray[np.float32]:
@@ -299,7 +301,8 @@ def evaluate_models(
         z_max = max(
             max(abs(v) for v in m.defocus_range_um) for m in models if m.modality == model.modality
         )
-        settings = evaluation.settings_for(model, quick=options.quick, z_max_um=z_max)
+        sizes = {} if options.n_fovs is None else {"n_fovs": options.n_fovs}
+        settings = evaluation.settings_for(model, quick=options.quick, z_max_um=z_max, **sizes)
         fields = evaluation.held_out_fields(data_dir, settings)
         z_hi = max(abs(v) for v in model.defocus_range_um)
         deconv_z = sorted({float(round(s * f * z_hi)) for f in (0.3, 0.6) for s in (-1, 1)})

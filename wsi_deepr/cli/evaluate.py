@@ -73,6 +73,12 @@ import click
     show_default=True,
     help="Autofocus benchmark: axial stage move and settle per step (assumed).",
 )
+@click.option(
+    "--fovs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Held-out fields of view per model (default 20; 2 with --quick).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a report already in --out.")
 def evaluate(
     models: tuple[str, ...],
@@ -85,6 +91,7 @@ def evaluate(
     threads: int,
     exposure_s: float,
     stage_move_s: float,
+    fovs: int | None,
     overwrite: bool,
 ) -> None:
     """Quality vs defocus, tilt, bead PSF, deconvolution and autofocus baselines of models.
@@ -109,7 +116,9 @@ def evaluate(
         raise ModelError("--model", "no model given and none shipped in models/")
     loaded = [load_model(n, device=device, threads=threads) for n in names]
     options = SuiteOptions(
-        quick=quick, timing=ScanTiming(exposure_s=exposure_s, stage_move_s=stage_move_s)
+        quick=quick,
+        timing=ScanTiming(exposure_s=exposure_s, stage_move_s=stage_move_s),
+        n_fovs=fovs,
     )
     results = evaluate_models(
         loaded, data_dir, options=options, zstack=zstack, zstack_step_um=zstack_step_um
@@ -133,6 +142,8 @@ def evaluate(
     ]
     if quick:
         command.append("--quick")
+    if fovs is not None:
+        command += ["--fovs", str(fovs)]
     if zstack is not None:
         command += ["--zstack", str(zstack), "--zstack-step-um", str(zstack_step_um)]
     index = write_report(results, out, command=command)
