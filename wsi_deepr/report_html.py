@@ -117,7 +117,7 @@ def _quality_figure(model: dict[str, Any], out: Path, *, key: str = "quality") -
         ax.set_title(metric.upper().replace("_", "-"))
         ax.grid(alpha=0.3)
     axes[0].legend()
-    fig.suptitle(f"{model['name']}: quality vs defocus ({key})")
+    fig.suptitle(f"{model['name']}: quality vs defocus (mean +/- std over fields)")
     return _png(fig, out / f"fig_{key}_{model['name']}.png")
 
 
