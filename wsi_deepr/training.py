@@ -68,6 +68,8 @@ class TrainConfig:
     val_every: int = 50
     checkpoint_every: int = 50
     threads: int = 2
+    init_from: str = ""
+    """Checkpoint whose best generator (and discriminator) start this run (fine-tuning)."""
 
     @classmethod
     def from_toml(cls, path: Path) -> TrainConfig:
@@ -277,6 +279,11 @@ def train(
         "history": [],
     }
     ckpt_path = run_dir / "checkpoint.pt"
+    if config.init_from and not ckpt_path.exists():
+        start = torch.load(root / config.init_from, weights_only=True)
+        generator.load_state_dict(start.get("best_generator") or start["generator"])
+        discriminator.load_state_dict(start["discriminator"])
+        LOG.info("initialised %s from %s", config.name, config.init_from)
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, weights_only=True)
         if saved["config"] != asdict(config) | {"widths": list(config.widths)}:
