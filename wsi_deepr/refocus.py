@@ -180,6 +180,9 @@ def refocus_array(
                 pieces[a, b - 1][3] if b > 0 else None,
                 pieces[a - 1, b - 1][5] if a > 0 and b > 0 else None,
                 _Scaling(mean32, std32, dtype, batch_size),
+                # Unused here, but taking them releases the chunk's task result (which
+                # holds the core) now rather than when the next row needs its spills.
+                (pieces[a, b][3], pieces[a, b][4], pieces[a, b][5]),
             )
             shape = (n_channels, y1 - y0, x1 - x0)
             block_row.append(da.from_delayed(block, shape, dtype=dtype, meta=meta))
@@ -297,8 +300,12 @@ def _assemble(
     from_left: np.ndarray | None,
     from_above_left: np.ndarray | None,
     scaling: _Scaling,
+    own_spills: tuple[np.ndarray, ...] = (),
 ) -> np.ndarray:
-    """Add the neighbours' spills to a chunk's margins and finish them."""
+    """Add the neighbours' spills to a chunk's margins and finish them.
+
+    ``own_spills`` are ignored: depending on them frees the chunk's task result early.
+    """
     out = core.copy()
     top_px, left_px = top.shape[1], left.shape[2]
     top = top.copy()
