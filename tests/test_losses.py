@@ -10,8 +10,6 @@ pytorch_msssim = pytest.importorskip("pytorch_msssim")
 
 from wsi_deepr.losses import berhu, discriminator_loss, generator_adversarial, ms_ssim  # noqa: E402
 
-DATA = "/work/shared/data"
-
 
 def _real_pair() -> tuple[np.ndarray, np.ndarray]:
     from pathlib import Path
