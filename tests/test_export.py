@@ -86,7 +86,10 @@ def test_model_card_and_metadata(exported) -> None:
     assert card["objective_na"] == 0.95
     assert card["mpp_range"] == [0.15, 0.3]
     assert card["training"]["iterations"] == 7
-    assert all("CC" in licence for licence in card["training"]["datasets"].values())
+    datasets = card["training"]["datasets"]
+    prefix = "fluo/" if channels == 1 else "he/"
+    assert datasets and all(name.startswith(prefix) for name in datasets)
+    assert all(licence.strip() for licence in datasets.values())
     model = onnx.load(str(onnx_path))
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
     assert meta["modality"] == card["modality"]
