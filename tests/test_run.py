@@ -197,11 +197,16 @@ def test_disk_full_mid_write_exits_2_and_leaves_a_store_marked_incomplete(
 
 
 def _border_gradient_ratio(image: np.ndarray, borders: np.ndarray) -> float:
-    """Mean gradient across tile-border rows over that across rows just beside them."""
+    """Mean gradient across tile-border rows over that across rows just beside them.
+
+    Rows beside a border are taken 8 and 16 px away: tile borders fall on multiples of 8,
+    as do the JPEG block edges of scanned slides, which have stronger gradients of their
+    own (the bundled SVS scores 1.48 against rows 3-4 px away before any processing).
+    """
     grey = image.astype(np.float64).mean(axis=0)
     step = np.abs(np.diff(grey, axis=0))  # step[i] = |row i+1 - row i|
     on = [b - 1 for b in borders if 8 <= b < grey.shape[0] - 8]
-    beside = [b - 1 + d for b in borders if 8 <= b < grey.shape[0] - 8 for d in (-4, -3, 3, 4)]
+    beside = [b - 1 + d for b in borders if 8 <= b < grey.shape[0] - 8 for d in (-16, -8, 8, 16)]
     return float(step[on].mean() / step[beside].mean())
 
 
