@@ -1,12 +1,22 @@
 #!/usr/bin/env bash
 # Train (or resume) the shipped generators and export them with their model cards into
-# models/. Each `wsi-deepr train` resumes from runs/<name>/checkpoint.pt when it exists,
-# so this can be run again in a later session to continue training.
-# Needs: pip install -e '.[train]' and ../shared/data beside the checkout.
+# models/. Each `wsi-deepr train` resumes from runs/<name>/checkpoint.pt; the checkpoints
+# of the shipped models are kept in pipelines/checkpoints/ and copied there first, so a
+# fresh clone continues where the last session stopped (raise `iterations` in the config
+# to train longer: the config must otherwise match the checkpoint's).
+# Needs: pip install -e '.[train]' and ../shared/data beside the checkout (the pair banks
+# are rebuilt from it, deterministically, when runs/banks/ lacks them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for config in he-20x fluo-40x; do
-  wsi-deepr train "pipelines/configs/${config}.toml"
+for name in deepr-he-20x deepr-he-20x-ft deepr-fluo-40x; do
+  if [ ! -f "runs/${name}/checkpoint.pt" ] && [ -f "pipelines/checkpoints/${name}.pt" ]; then
+    mkdir -p "runs/${name}"
+    cp "pipelines/checkpoints/${name}.pt" "runs/${name}/checkpoint.pt"
+  fi
 done
-wsi-deepr export runs/deepr-he-20x/checkpoint.pt models/deepr-he-20x.onnx --overwrite
+wsi-deepr train pipelines/configs/he-20x.toml
+wsi-deepr train pipelines/configs/he-20x-finetune.toml
+wsi-deepr train pipelines/configs/fluo-40x.toml
+# deepr-he-20x ships the fine-tuned generator (better on every validation bin).
+wsi-deepr export runs/deepr-he-20x-ft/checkpoint.pt models/deepr-he-20x.onnx --name deepr-he-20x --overwrite
 wsi-deepr export runs/deepr-fluo-40x/checkpoint.pt models/deepr-fluo-40x.onnx --overwrite
