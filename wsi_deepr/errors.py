@@ -32,6 +32,11 @@ class WsiDeeprError(Exception):
         self.hint = hint
         super().__init__(f"{self.subject}: {problem}")
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Errors raised in dask.distributed workers travel back pickled; the default
+        # reduction would call __init__ with the message alone.
+        return (_rebuild, (type(self), self.subject, self.problem, self.hint))
+
     def one_line(self) -> str:
         """The message the CLI prints, hint included."""
         line = f"{self.subject}: {self.problem}"
@@ -72,3 +77,10 @@ class InternalError(WsiDeeprError):
     """A failure that is wsi-deepr's fault, not the user's."""
 
     exit_code = 1
+
+
+def _rebuild(
+    cls: type[WsiDeeprError], subject: str, problem: str, hint: str | None
+) -> WsiDeeprError:
+    """Recreate an error from its parts (unpickling)."""
+    return cls(subject, problem, hint=hint)
