@@ -107,7 +107,7 @@ def load_model(
     """
     import dask.array as da
 
-    from wsi_deepr.inference import Predictor, get_session, select_provider
+    from wsi_deepr.inference import Predictor, select_provider
     from wsi_deepr.model_registry import resolve_model
     from wsi_deepr.slide import Slide
 
@@ -126,16 +126,7 @@ def load_model(
         LOG.setLevel(quiet)
     card = resolved.card
     provider = select_provider(device)
-    predictor = Predictor(
-        model_path=str(resolved.path),
-        provider=provider,
-        threads=threads,
-        input_name=card.input_name,
-        output_name=card.output_name,
-        in_channels=card.in_channels,
-        size_multiple=card.size_multiple,
-    )
-    get_session(predictor.model_path, provider, threads)
+    predictor = Predictor.for_model(resolved, provider=provider, threads=threads)
     return ModelUnderTest(card.name, resolved.path, resolved.sha256, card, predictor)
 
 

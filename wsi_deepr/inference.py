@@ -23,6 +23,8 @@ from wsi_deepr.errors import ModelError, OptionError
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from wsi_deepr.model_registry import ResolvedModel
+
 LOG = logging.getLogger("wsi_deepr")
 
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
@@ -207,6 +209,36 @@ class Predictor:
     """Channels the model takes; 1 with a multichannel slide runs channel by channel."""
     size_multiple: int = 1
     """Height and width are padded (reflect) to a multiple of this and cropped back."""
+
+    @classmethod
+    def for_model(cls, resolved: ResolvedModel, *, provider: str, threads: int) -> Predictor:
+        """The predictor of a resolved model; opens its session now, so a bad file fails early.
+
+        Parameters
+        ----------
+        resolved : ResolvedModel
+            The model file and its card (:func:`wsi_deepr.model_registry.resolve_model`).
+        provider : str
+            Execution provider (:func:`select_provider`).
+        threads : int
+            ``intra_op_num_threads`` of the session.
+
+        Returns
+        -------
+        Predictor
+        """
+        card = resolved.card
+        predictor = cls(
+            model_path=str(resolved.path),
+            provider=provider,
+            threads=threads,
+            input_name=card.input_name,
+            output_name=card.output_name,
+            in_channels=card.in_channels,
+            size_multiple=card.size_multiple,
+        )
+        get_session(predictor.model_path, provider, threads)
+        return predictor
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Predict a batch.

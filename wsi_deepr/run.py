@@ -15,7 +15,7 @@ import numpy as np
 
 import wsi_deepr
 from wsi_deepr.errors import OptionError
-from wsi_deepr.inference import CPU, Predictor, get_session, plan_threads, select_provider
+from wsi_deepr.inference import CPU, Predictor, plan_threads, select_provider
 from wsi_deepr.model_registry import resolve_model
 from wsi_deepr.refocus import default_chunk_px, refocus_array
 from wsi_deepr.report import Report
@@ -116,16 +116,7 @@ def refocus_slide(
     provider = select_provider(device)
 
     with _scheduler(scheduler, workers) as (compute, scheduler_name, n_workers, ort_threads):
-        predictor = Predictor(
-            model_path=str(resolved.path),
-            provider=provider,
-            threads=ort_threads,
-            input_name=card.input_name,
-            output_name=card.output_name,
-            in_channels=card.in_channels,
-            size_multiple=card.size_multiple,
-        )
-        get_session(predictor.model_path, provider, ort_threads)  # fail early on a bad file
+        predictor = Predictor.for_model(resolved, provider=provider, threads=ort_threads)
 
         from wsi_deepr.tissue import intensity_stats
         from wsi_deepr.tissue import tissue_mask as find_tissue
