@@ -63,6 +63,11 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="wsi-deepr: %(message)s", stream=sys.stderr)
     LOG.setLevel(level)
+    # Libraries' Python warnings (numpy overflow, zarr, dask) are details for --verbose
+    # and --debug; on a plain run they would break the one-line error contract.
+    logging.captureWarnings(True)
+    warnings_level = logging.WARNING if debug or verbose else logging.ERROR
+    logging.getLogger("py.warnings").setLevel(warnings_level)
 
 
 def main(argv: list[str] | None = None) -> None:

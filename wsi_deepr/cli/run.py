@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -91,7 +92,7 @@ def run(
 
 
 def check_output_apart(slide: str, output: str) -> None:
-    """Refuse an output that is the input, lies inside it, or holds it.
+    """Refuse an output that is the input, lies inside it, holds it, or is a link.
 
     Writing into the input store changes the slide; with ``--overwrite`` an output that
     is (or holds) the input would be deleted before its pixels are read, and the run
@@ -107,7 +108,8 @@ def check_output_apart(slide: str, output: str) -> None:
     Raises
     ------
     OutputError
-        The two paths are the same or one lies inside the other.
+        The two paths are the same or one lies inside the other, or the output path is
+        a symbolic link.
     """
     if slide.startswith("file://"):
         slide = slide.removeprefix("file://")
@@ -123,3 +125,10 @@ def check_output_apart(slide: str, output: str) -> None:
         raise OutputError(named, f"lies inside the input {source}", hint=hint)
     if target in source.parents:
         raise OutputError(named, f"holds the input {source}; it would be deleted", hint=hint)
+    if named.is_symlink():
+        # zarr cannot create a store through a dangling link, and --overwrite cannot
+        # remove a linked one; either way the run would fail after starting.
+        target_text = os.readlink(named)
+        raise OutputError(
+            named, f"is a symbolic link (to {target_text})", hint="give the store's real path"
+        )
