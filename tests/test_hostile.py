@@ -150,14 +150,18 @@ def run_cli(
 
 
 def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every file's bytes, folder (``None``) and link under ``root``, by relative path."""
+    """Every file's bytes, folder (``None``), link and pipe under ``root``, by relative path."""
     state: dict[str, bytes | None] = {}
     for path in sorted(root.rglob("*")):
         key = str(path.relative_to(root))
         if path.is_symlink():
             state[key] = b"-> " + os.fsencode(os.readlink(path))
-        else:
-            state[key] = None if path.is_dir() else path.read_bytes()
+        elif path.is_dir():
+            state[key] = None
+        elif path.is_file():
+            state[key] = path.read_bytes()
+        else:  # a named pipe: reading would block
+            state[key] = b"special file"
     return state
 
 
@@ -252,6 +256,11 @@ def foreign_folder(w: Path) -> Path:
     return home
 
 
+def fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
 def link(path: Path, target: str) -> Path:
     path.symlink_to(target)
     return path
@@ -287,6 +296,11 @@ REFUSALS: list[Refusal] = [
     # --- input files ---
     Refusal("missing slide file", lambda w, m: ["missing.svs", "out.zarr"], "missing.svs",
             "no such file or directory"),
+    Refusal("slide is a named pipe (reading it would wait forever)",
+            lambda w, m: [str(fifo(w / "pipe.svs")), "out.zarr"], "pipe.svs",
+            "not a regular file"),
+    Refusal("slide is a device", lambda w, m: [os.devnull, "out.zarr"], os.devnull,
+            "not a regular file"),
     Refusal("slide is a folder that is not a store",
             lambda w, m: [str(foreign_folder(w)), "out.zarr"], "home",
             "a folder that is not a Zarr store"),
@@ -446,6 +460,9 @@ REFUSALS: list[Refusal] = [
     Refusal("tile below the network's minimum",
             slide_args(rgb_slide, "--tile-px", "8", "--overlap-px", "2"),
             "--tile-px", "8 px is below the model's minimum of 16 px"),
+    Refusal("absurd tile (one tile would not fit in memory)",
+            slide_args(rgb_slide, "--tile-px", "100000"), "--tile-px",
+            "100000 px is above the largest tile of 8192 px"),
     Refusal("tile of 0 px", slide_args(rgb_slide, "--tile-px", "0"), "--tile-px",
             r"0 is not in the range x>=1"),
     Refusal("unknown NGFF version for the output", slide_args(rgb_slide, "--ngff", "0.6"),
