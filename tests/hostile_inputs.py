@@ -156,3 +156,25 @@ def zarr_with_zero_sized_level(path: Path) -> Path:
     """An OME-Zarr 0.5 image whose only level has shape ``(3, 0, 0)``."""
     make_ome_zarr(path, np.zeros((3, 0, 0), np.uint8), 0.5, pyramid=False)
     return path
+
+
+def zarr_with_pixel_size(path: Path, mpp: float | str) -> Path:
+    """An OME-Zarr pyramid whose level-0 scale says ``mpp`` micrometres."""
+    ome_zarr_pyramid(path)
+
+    def edit(ome: dict[str, Any]) -> None:
+        transform = ome["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]
+        transform["scale"] = [1.0, mpp, mpp]
+
+    return edit_ome_metadata(path, edit)
+
+
+def truncated_jpeg(path: Path) -> Path:
+    """An RGB JPEG cut in half."""
+    from slides import make_jpeg
+
+    whole = make_jpeg(path.with_name("whole-" + path.name), synthetic_tissue((300, 400), seed=9))
+    data = whole.read_bytes()
+    whole.unlink()
+    path.write_bytes(data[: len(data) // 2])
+    return path

@@ -143,8 +143,11 @@ def tissue_mask(slide: Slide) -> np.ndarray:
             return np.zeros(score.shape, dtype=bool)
         # Otsu on log intensity separates dim tissue from the dark background; on linear
         # intensity it splits bright nuclei from dim tissue instead.
-        offset = 1e-3 * float(hi)
-        threshold = float(np.exp(threshold_otsu(np.log(score + offset)))) - offset
+        # Signed images (int16, float) may lie below zero: measure from their floor.
+        floor = min(0.0, float(score.min()))
+        offset = 1e-3 * (float(hi) - floor)
+        log_score = np.log(score - floor + offset)
+        threshold = float(np.exp(threshold_otsu(log_score))) - offset + floor
     mask = _cleanup(score > threshold)
     if slide.modality == "fluorescence" and mask.any():
         # Join nuclei into tissue: close gaps of up to ~20 um.
