@@ -46,7 +46,12 @@ from hostile_inputs import (
     zero_width_tiff,
 )
 from slides import make_png, synthetic_tissue
-from tiny_models import make_channel_mean_model, make_identity_model, make_unknown_op_model
+from tiny_models import (
+    make_channel_mean_model,
+    make_halving_model,
+    make_identity_model,
+    make_unknown_op_model,
+)
 
 import wsi_deepr
 from wsi_deepr.writer import is_complete
@@ -477,6 +482,9 @@ REFUSALS: list[Refusal] = [
     Refusal("model that returns another channel count",
             with_model(lambda w, m: make_channel_mean_model(w / "mean.onnx", channels=3)),
             "mean.onnx", "the model returns 1 channel for 3 input channels"),
+    Refusal("model that returns half the image size",
+            with_model(lambda w, m: make_halving_model(w / "half.onnx")), "half.onnx",
+            r"output \(1, 3, 8, 8\) smaller than input \(1, 3, 16, 16\)"),
     # --- options ---
     Refusal("overlap >= tile/2", slide_args(rgb_slide, "--tile-px", "128", "--overlap-px", "64"),
             "--overlap-px", "64 px must be less than half the tile"),
