@@ -263,8 +263,12 @@ def resolve_model(
 
 
 def _check_modality(card: ModelCard, slide: Slide, *, strict: bool) -> None:
-    """Warn (or refuse with ``strict``) when the card's modality is not the slide's."""
-    if card.modality == slide.modality:
+    """Warn (or refuse with ``strict``) when the card's modality is not the slide's.
+
+    As in :func:`_check_mpp`, a slide without a finite pixel size is a placeholder (the
+    evaluation's in-memory fields) whose modality means nothing.
+    """
+    if card.modality == slide.modality or not math.isfinite(slide.mpp):
         return
     message = (
         f"the model {card.name} is for {card.modality} slides; this slide looks {slide.modality}"
