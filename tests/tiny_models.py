@@ -84,6 +84,6 @@ def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) ->
         nodes.append(
             helper.make_node(
                 "Conv", [source, f"w{k}"], [target], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
-            )  # fmt: skip
+            )
         )
     return _save(Path(path), nodes, 3, initializers=initializers)
