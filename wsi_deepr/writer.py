@@ -318,20 +318,31 @@ def write_chunk(layout: PyramidLayout, origin_yx: tuple[int, int], block: np.nda
     block : ndarray of shape (C, h, w)
         The chunk (smaller at the slide's bottom and right edges).
     """
-    import zarr
 
     y0, x0 = origin_yx
     _, h, w = block.shape
     try:
-        level0 = zarr.open_array(str(layout.path / layout.level_paths[0]), mode="r+")
+        level0 = _open_level(layout, 0)
         level0[:, y0 : y0 + h, x0 : x0 + w] = block
         if layout.level1_with_level0 and h >= 2 and w >= 2:
-            level1 = zarr.open_array(str(layout.path / layout.level_paths[1]), mode="r+")
+            level1 = _open_level(layout, 1)
             half = _mean2x2(block)
             level1[:, y0 // 2 : y0 // 2 + half.shape[1], x0 // 2 : x0 // 2 + half.shape[2]] = half
     except OSError as exc:
         settle_zarr_io()
         raise OutputError.write_failed(layout.path, exc) from exc
+
+
+def _open_level(layout: PyramidLayout, k: int) -> Any:
+    """Level ``k`` opened for writing whole chunks.
+
+    Chunks equal to the fill value are written too: zarr's check for them compared every
+    chunk with the fill value, and took 13% of a run's time.
+    """
+    import zarr
+
+    array = zarr.open_array(str(layout.path / layout.level_paths[k]), mode="r+")
+    return array.with_config({"write_empty_chunks": True})
 
 
 def write_chunk_task(
@@ -385,7 +396,7 @@ def finish_pyramid(
         first = 2 if layout.level1_with_level0 else 1
         for k in range(first, len(layout.level_paths)):
             source: Any = group[layout.level_paths[k - 1]]
-            target: Any = group[layout.level_paths[k]]
+            target = _open_level(layout, k)
             run(da.store(_downsample(source, layout.low_chunk_yx), target,
                          lock=False, compute=False))  # fmt: skip
         _write_multiscales(
