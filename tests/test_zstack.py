@@ -147,14 +147,15 @@ def _write_fovs(folder: Path, n_fovs: int, size_px: int) -> list[Path]:
 def banks(tmp_path_factory: pytest.TempPathFactory) -> zstack.ZStackBanks:
     folder = tmp_path_factory.mktemp("zstack")
     paths = _write_fovs(folder, 4, 200)
-    return zstack.build_zstack_banks(paths, folder / "banks", crop_px=192)
+    return zstack.build_zstack_banks(paths, folder / "banks", crop_px=192, max_defocus_um=1.0)
 
 
 def test_bank_loads_with_pairbank_and_split_manifest(banks) -> None:
     train, val = PairBank.load(banks.train), PairBank.load(banks.val)
-    assert len(train) == 3 * len(Z_UM) and len(val) == len(Z_UM)  # one crop per FOV
+    kept_z_um = Z_UM[np.abs(Z_UM) <= 1.0]  # max_defocus_um
+    assert len(train) == 3 * len(kept_z_um) and len(val) == len(kept_z_um)  # a crop per FOV
     assert train.inputs.shape[1:] == (1, 192, 192) and train.targets.shape == train.inputs.shape
-    assert sorted(set(train.defocus_um.tolist())) == pytest.approx(Z_UM)
+    assert sorted(set(train.defocus_um.tolist())) == pytest.approx(kept_z_um)
     manifest = json.loads(banks.manifest.read_text())
     assert len(manifest["train"]) == 3 and len(manifest["val"]) == 1
     assert not set(manifest["train"]) & set(manifest["val"])
@@ -180,13 +181,13 @@ def test_training_runs_on_a_zstack_bank(banks, tmp_path: Path) -> None:
         crop_px=192,
         simulation={"defocus_range_um": [-2.0, 3.0], "na": 0.75, "mpp_range": [0.25, 0.25]},
         widths=(4, 4, 4, 4, 4),
-        iterations=2,
+        iterations=1,
         batch_size=2,
-        val_every=2,
-        checkpoint_every=2,
+        val_every=1,
+        checkpoint_every=1,
     )
     summary = train(config, run_dir=tmp_path / "run")
-    assert summary["iteration"] == 2 and np.isfinite(summary["best_val"])
+    assert summary["iteration"] == 1 and np.isfinite(summary["best_val"])
 
 
 def test_read_zstack_errors_name_the_file(tmp_path: Path) -> None:

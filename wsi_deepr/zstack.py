@@ -259,7 +259,8 @@ def register_planes(
     reference_index : int, optional
         Plane the others are aligned to; the sharpest (:func:`sharpest_plane`) by default.
     upsample_factor : int
-        Sub-pixel precision of ``phase_cross_correlation`` (1/upsample_factor px).
+        Sub-pixel precision of the last pass of ``phase_cross_correlation``
+        (1/upsample_factor px; earlier passes use 1/10 px).
     passes : int
         Estimates per plane; a second pass on the shifted plane removes the bias of the
         window (the content moves under it).
@@ -296,7 +297,8 @@ def register_planes(
             estimate, error, _ = phase_cross_correlation(
                 reference,
                 _registration_view(moved, window),
-                upsample_factor=upsample_factor,
+                # Coarse first passes (cheap); the last one at full precision.
+                upsample_factor=upsample_factor if step == passes - 1 else 10,
                 normalization=None,
             )
             if step == 0 and not error < max_error:
