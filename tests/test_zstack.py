@@ -169,6 +169,7 @@ def test_bank_loads_with_pairbank_and_split_manifest(banks) -> None:
     assert [len(s["shifts_px"]) for s in report["stacks"]] == [len(Z_UM)] * 4
 
 
+@pytest.mark.slow  # torch's first steps: about 15 s of CPU
 def test_training_runs_on_a_zstack_bank(banks, tmp_path: Path) -> None:
     pytest.importorskip("torch")
     from wsi_deepr.training import TrainConfig, train
