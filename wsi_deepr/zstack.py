@@ -87,7 +87,8 @@ class Registration:
     shifts_px: NDArray[np.float64]
     """``(Z, 2)``: the (dy, dx) each plane was moved by (zero for the reference)."""
     trusted: NDArray[np.bool_]
-    """``(Z,)``: the plane's own estimate was used (else its neighbour's, see below)."""
+    """``(Z,)``: the plane's own estimate was used (else its neighbour's towards the
+    reference: too little structure to align)."""
 
 
 @dataclass(frozen=True)
@@ -430,11 +431,11 @@ def prepare_stack(
 
 
 @dataclass(frozen=True)
-class PairRows:
+class _PairRows:
     """Pairs cut from prepared stacks, before they are written to a bank."""
 
-    inputs: list[F32]
-    targets: list[F32]
+    inputs: list[NDArray[np.uint16]]
+    targets: list[NDArray[np.uint16]]
     z_um: list[float]
     plane_index: list[int]
     gt_index: list[int]
@@ -554,7 +555,7 @@ def build_zstack_banks(
     """
     sources = [SourceImage(str(p), dataset or f"zstack/{Path(p).parent.name}") for p in paths]
     assignment = split_fovs(sources, val_fraction=val_fraction)
-    rows: dict[str, PairRows] = {s: PairRows([], [], [], [], [], [], []) for s in ("train", "val")}
+    rows = {s: _PairRows([], [], [], [], [], [], []) for s in ("train", "val")}
     chosen: dict[str, list[str]] = {"train": [], "val": []}
     report: list[dict[str, Any]] = []
     channels: set[int] = set()
@@ -570,15 +571,26 @@ def build_zstack_banks(
         index = len(chosen[fov_split])
         chosen[fov_split].append(source.path)
         for x, y, z_um, k, crop in stack_pairs(prepared, max_defocus_um=max_defocus_um):
-            bucket.inputs.append(x)
-            bucket.targets.append(y)
+            bucket.inputs.append(_quantise(x))
+            bucket.targets.append(_quantise(y))
             bucket.z_um.append(z_um)
             bucket.plane_index.append(k)
             bucket.gt_index.append(crop.gt_index)
             bucket.crop_yx.append((crop.y0, crop.x0))
             bucket.source_index.append(index)
         report.append(prepared.summary() | {"split": fov_split})
-        LOG.info("%s: %s, %d crops", source.path, fov_split, len(prepared.crops))
+        reg = prepared.registration
+        LOG.info(
+            "%s: %s, reference plane %d, max shift %.2f px, %d of %d planes aligned on "
+            "their own, %d crops",
+            source.path,
+            fov_split,
+            reg.reference_index,
+            float(np.abs(reg.shifts_px).max()),
+            int(reg.trusted.sum()),
+            len(reg.trusted),
+            len(prepared.crops),
+        )
     settings = {
         "kind": "zstack",
         "crop_px": crop_px,
@@ -600,8 +612,8 @@ def build_zstack_banks(
         meta[:, 1] = [mpp[i] if mpp[i] is not None else np.nan for i in bucket.source_index]
         written[split] = write_bank(
             out_dir / f"{split}.npz",
-            inputs=_quantise(bucket.inputs),
-            targets=_quantise(bucket.targets),
+            inputs=np.stack(bucket.inputs),
+            targets=np.stack(bucket.targets),
             meta=meta,
             source_index=np.asarray(bucket.source_index, dtype=np.int32),
             sources=chosen[split],
@@ -625,6 +637,5 @@ def build_zstack_banks(
     )
 
 
-def _quantise(images: list[F32]) -> NDArray[np.uint16]:
-    stacked = np.stack(images)
-    return np.clip(np.rint(stacked * BANK_SCALE), 0, BANK_SCALE).astype(np.uint16)
+def _quantise(image: F32) -> NDArray[np.uint16]:
+    return np.clip(np.rint(image * BANK_SCALE), 0, BANK_SCALE).astype(np.uint16)
