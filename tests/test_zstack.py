@@ -236,3 +236,31 @@ def test_real_bead_stack_ground_truth_is_the_brightest_plane() -> None:
     reg = prepared.registration
     assert reg.trusted[peak_plane - 3 : peak_plane + 3].all()  # the bead is visible there
     assert np.abs(reg.shifts_px).max() < 10
+
+
+def test_featureless_plane_keeps_its_neighbours_shift(made) -> None:
+    prepared, _ = made
+    planes = prepared.stack.planes[:6].copy()
+    rng = np.random.default_rng(3)
+    planes[0] = rng.normal(0.1, 0.01, size=planes[0].shape)  # no structure at all
+    reg = zstack.register_planes(planes, reference_index=TRUE_INDEX)
+    assert not reg.trusted[0] and reg.trusted[1:].all()
+    assert np.array_equal(reg.shifts_px[0], reg.shifts_px[1])
+
+
+def test_read_zstack_channels_and_ome_units(tmp_path: Path) -> None:
+    planes = np.random.default_rng(4).integers(0, 4096, size=(5, 2, 24, 32), dtype=np.uint16)
+    path = tmp_path / "two_channels.ome.tif"
+    tifffile.imwrite(
+        path,
+        planes,
+        ome=True,
+        metadata={"axes": "ZCYX", "PhysicalSizeZ": 250.0, "PhysicalSizeZUnit": "nm"},
+    )
+    stack = zstack.read_zstack(path)
+    assert stack.z_step_um == pytest.approx(0.25)
+    assert stack.planes.shape == (5, 2, 24, 32)
+    assert np.array_equal(np.rint(stack.planes * 65535).astype(np.uint16), planes)
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((4, 24, 32, 3), np.uint8), photometric="rgb")
+    assert zstack.read_zstack(rgb, z_step_um=1.0).planes.shape == (4, 3, 24, 32)
