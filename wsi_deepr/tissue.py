@@ -24,6 +24,7 @@ from scipy import ndimage
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
+from wsi_deepr.errors import InputError
 from wsi_deepr.slide import Slide
 
 LOG = logging.getLogger("wsi_deepr")
@@ -34,6 +35,9 @@ bound is background noise; above the high bound Otsu is splitting tissue from ti
 field of view with no background), so everything above it is tissue."""
 MIN_CONTRAST = 0.02
 """Fluorescence intensity range (fraction of full scale) below which the slide is blank."""
+MAX_FLOAT_VALUE = float(np.finfo(np.float32).max) / 16
+"""Largest pixel magnitude the float32 model path takes with room for normalising and
+blending (float64 slides can hold more)."""
 
 
 _THUMBNAILS: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -140,8 +144,11 @@ def tissue_mask(slide: Slide) -> np.ndarray:
             return np.zeros(score.shape, dtype=bool)
         # Otsu on log intensity separates dim tissue from the dark background; on linear
         # intensity it splits bright nuclei from dim tissue instead.
-        offset = 1e-3 * float(hi)
-        threshold = float(np.exp(threshold_otsu(np.log(score + offset)))) - offset
+        # Signed images (int16, float) may lie below zero: measure from their floor.
+        floor = min(0.0, float(score.min()))
+        offset = 1e-3 * (float(hi) - floor)
+        log_score = np.log(score - floor + offset)
+        threshold = float(np.exp(threshold_otsu(log_score))) - offset + floor
     mask = _cleanup(score > threshold)
     if slide.modality == "fluorescence" and mask.any():
         # Join nuclei into tissue: close gaps of up to ~20 um.
@@ -171,8 +178,21 @@ def intensity_stats(slide: Slide, mask: np.ndarray | None) -> tuple[np.ndarray, 
     mean, std : ndarray of float64, shape (C,)
         In the slide's pixel units. ``std`` is at least half a grey level for integer
         images (1e-6 of the scale for float ones), so dividing by it is safe.
+
+    Raises
+    ------
+    InputError
+        Float pixel values beyond :data:`MAX_FLOAT_VALUE`: the model works in float32.
     """
     image = _thumbnail(slide)
+    peak = float(np.abs(image).max()) if image.size and image.dtype.kind == "f" else 0.0
+    if peak > MAX_FLOAT_VALUE:
+        raise InputError(
+            slide.path,
+            f"pixel values reach {peak:.3g}; the model works in float32 and takes values "
+            f"up to {MAX_FLOAT_VALUE:.1e}",
+            hint="rescale the image",
+        )
     c = image.shape[0]
     if mask is not None and mask.shape != image.shape[1:]:
         raise ValueError(f"mask shape {mask.shape} does not match thumbnail {image.shape[1:]}")
