@@ -99,14 +99,59 @@ def prepare_output(path: str | Path, *, overwrite: bool = False, resume: bool = 
             raise OutputError(out, "already exists", hint="pass --overwrite to replace it")
         if not is_store and any(out.iterdir()):
             raise OutputError(out, "is a non-empty folder that is not a zarr store; not replaced")
+    # Folders to be created are created with the store, once the input has been read:
+    # a refused run leaves nothing behind. Here only the nearest existing one is checked.
     parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(out, f"cannot create its folder: {exc.strerror or exc}") from exc
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(out, f"cannot create its folder: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(out, f"folder {parent} is not writable")
     return out
+
+
+def check_output_apart(slide: str, output: str) -> None:
+    """Refuse an output that is the input, lies inside it, holds it, or is a link.
+
+    Writing into the input store changes the slide; with ``--overwrite`` an output that
+    is (or holds) the input would be deleted before its pixels are read, and the run
+    would "succeed" on what zarr fills missing chunks with.
+
+    Parameters
+    ----------
+    slide : str
+        The input as given (a path, a ``file://`` URL, or another URL, not checked).
+    output : str
+        The output store as given.
+
+    Raises
+    ------
+    OutputError
+        The two paths are the same or one lies inside the other, or the output path is
+        a symbolic link.
+    """
+    if slide.startswith("file://"):
+        slide = slide.removeprefix("file://")
+    elif "://" in slide or "::" in slide:
+        return
+    source = Path(slide).expanduser().resolve()
+    named = Path(output).expanduser().absolute()
+    target = named.resolve()
+    hint = "choose an output path apart from the input"
+    if target == source:
+        raise OutputError(named, "is the input slide; it would be destroyed", hint=hint)
+    if source in target.parents:
+        raise OutputError(named, f"lies inside the input {source}", hint=hint)
+    if target in source.parents:
+        raise OutputError(named, f"holds the input {source}; it would be deleted", hint=hint)
+    if named.is_symlink():
+        # zarr cannot create a store through a dangling link, and --overwrite cannot
+        # remove a linked one; either way the run would fail after starting.
+        target_text = os.readlink(named)
+        raise OutputError(
+            named, f"is a symbolic link (to {target_text})", hint="give the store's real path"
+        )
 
 
 def _remove_old(out: Path) -> None:
@@ -218,6 +263,7 @@ def create_pyramid(layout: PyramidLayout, provenance: dict[str, Any]) -> None:
     zarr_format: Literal[2, 3] = 3 if layout.ngff == "0.5" else 2
     try:
         _remove_old(layout.path)
+        layout.path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(layout.path), mode="w-", zarr_format=zarr_format)
         group.attrs["wsi_deepr"] = {**provenance, "complete": False}
         for k, (level_path, shape) in enumerate(
