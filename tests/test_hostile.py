@@ -445,9 +445,7 @@ REFUSALS: list[Refusal] = [
                           "--overwrite"], "o.zarr", "is the input slide"),
     Refusal("bad input with the output in a folder that does not exist yet",
             lambda w, m: [str(random_bytes(w / "empty.svs", n_bytes=0)), "new/sub/out.zarr"],
-            "empty.svs", "the file is empty",
-            known_bug="writer.prepare_output creates the output's parent folders before "
-                      "run.refocus_slide opens the slide; new/sub is left behind"),
+            "empty.svs", "the file is empty"),
     Refusal("disk fills up mid-write (1 MiB file-size limit)",
             lambda w, m: [str(noise_slide(w)), "out.zarr"], "out.zarr",
             r"write failed, disk full \(File too large\); the store is incomplete",

@@ -30,6 +30,7 @@ class _Group(click.Group):
         "train": ("train", "train"),
         "export": ("export", "export"),
         "evaluate": ("evaluate", "evaluate"),
+        "pairs": ("pairs", "pairs"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 import click
-
-from wsi_deepr.errors import OutputError
 
 LOG = logging.getLogger("wsi_deepr")
 
@@ -42,7 +38,14 @@ LOG = logging.getLogger("wsi_deepr")
               help="Refuse a slide outside the model card's pixel sizes or modality.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tiles per model call [default: 1 on the CPU, 8 on a GPU].")  # fmt: skip
+@click.option("--chunk-px", type=click.IntRange(min=1), default=None,
+              help="Output chunk edge in pixels [default: a multiple of the tile stride "
+              "near 2048].")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker threads [default: from the cores].")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in OUTPUT, computing only the rest.")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 def run(
     slide: str,
@@ -57,7 +60,10 @@ def run(
     mpp: float | None,
     strict: bool,
     batch_size: int | None,
+    chunk_px: int | None,
+    workers: int | None,
     overwrite: bool,
+    resume: bool,
     quiet: bool,
 ) -> None:
     """Refocus SLIDE with a Deep-R generator and write the OME-Zarr pyramid OUTPUT.
@@ -67,7 +73,6 @@ def run(
     """
     from wsi_deepr.run import limit_heap_fragmentation, refocus_slide
 
-    check_output_apart(slide, output)
     limit_heap_fragmentation()
     if quiet:
         LOG.setLevel(max(LOG.level, logging.ERROR))
@@ -85,50 +90,10 @@ def run(
         mpp=mpp,
         strict=strict,
         batch_size=batch_size,
+        chunk_px=chunk_px,
+        workers=workers,
+        resume=resume,
         progress=not quiet and sys.stderr.isatty(),
     )
     if not quiet:
         click.echo(report.summary())
-
-
-def check_output_apart(slide: str, output: str) -> None:
-    """Refuse an output that is the input, lies inside it, holds it, or is a link.
-
-    Writing into the input store changes the slide; with ``--overwrite`` an output that
-    is (or holds) the input would be deleted before its pixels are read, and the run
-    would "succeed" on what zarr fills missing chunks with.
-
-    Parameters
-    ----------
-    slide : str
-        The input as given (a path, a ``file://`` URL, or another URL, not checked).
-    output : str
-        The output store as given.
-
-    Raises
-    ------
-    OutputError
-        The two paths are the same or one lies inside the other, or the output path is
-        a symbolic link.
-    """
-    if slide.startswith("file://"):
-        slide = slide.removeprefix("file://")
-    elif "://" in slide or "::" in slide:
-        return
-    source = Path(slide).expanduser().resolve()
-    named = Path(output).expanduser().absolute()
-    target = named.resolve()
-    hint = "choose an output path apart from the input"
-    if target == source:
-        raise OutputError(named, "is the input slide; it would be destroyed", hint=hint)
-    if source in target.parents:
-        raise OutputError(named, f"lies inside the input {source}", hint=hint)
-    if target in source.parents:
-        raise OutputError(named, f"holds the input {source}; it would be deleted", hint=hint)
-    if named.is_symlink():
-        # zarr cannot create a store through a dangling link, and --overwrite cannot
-        # remove a linked one; either way the run would fail after starting.
-        target_text = os.readlink(named)
-        raise OutputError(
-            named, f"is a symbolic link (to {target_text})", hint="give the store's real path"
-        )
