@@ -1,0 +1,417 @@
+"""Focus map of a slide: a no-reference sharpness score per cell, and where it is blurred.
+
+The score is spectral. Each cell of a regular grid on level 0 is the centre of a window
+twice its size (Hann-tapered, mean removed); the window's power spectrum is averaged over
+two annuli in physical frequency: a *low* band (0.05-0.15 cycles/um, structure that
+defocus of a few micrometres keeps) and a *high* band (0.25-0.5 cycles/um, detail that a
+defocus of 2 um at NA 0.75 already removes). Their ratio measures fine detail relative to
+the cell's own contrast, so stain strength and brightness cancel.
+
+Calibration on in-focus tissue: the ratio of in-focus tissue varies with what the tissue
+is (about 1.5 stops between the 5th and 50th percentile on CMU-1), so it is compared with
+the same slide's own tissue. The *reference* is the 60th percentile of the log2 ratio over
+all tissue cells; the focus score is ``log2(ratio) - reference`` in stops: 0 is typical
+in-focus tissue of this slide, -1 half its relative fine detail. This assumes that most of
+the tissue is in focus (a percentile above the median tolerates up to ~40% blurred
+tissue); a slide blurred everywhere scores 0 everywhere and is not flagged.
+:data:`DEFAULT_THRESHOLD` (-2.5 stops) flags cells whose fine detail fell to a sixth;
+``pipelines/calibrate_focus.py`` shows where in-focus tissue and 1-3 um defocus fall.
+
+The same pass over the slide also keeps per-channel binned spectra on a grid twice as
+coarse, for :mod:`wsi_deepr.defocus_estimate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import fft as sp_fft
+from scipy import ndimage
+
+from wsi_deepr.slide import Slide
+from wsi_deepr.tiling import TilePlan
+
+LOG = logging.getLogger("wsi_deepr")
+
+CELL_UM = 16.0
+"""Target edge of a focus-map cell in micrometres (windows are twice as large)."""
+LOW_BAND_PER_UM = (0.05, 0.15)
+"""Low band in cycles per micrometre."""
+HIGH_BAND_PER_UM = (0.25, 0.5)
+"""High band in cycles per micrometre (clipped to 0.8 x Nyquist on coarse scans)."""
+REFERENCE_PERCENTILE = 60.0
+"""Percentile of the tissue cells' log2 band ratio taken as in-focus reference."""
+DEFAULT_THRESHOLD = -2.5
+"""Focus score (stops) below which a cell counts as blurred."""
+MIN_CONTRAST = 1e-3
+"""Cells whose low-band power is below this fraction of the tissue median are not judged
+(glass inside the tissue outline, empty lumina): nothing there to refocus."""
+SPECTRUM_BINS = 16
+"""Frequency bins of the coarse per-channel spectra kept for the defocus estimate."""
+
+
+@dataclass(frozen=True, slots=True)
+class FocusMap:
+    """Focus score on a regular grid of cells over level 0."""
+
+    cell_px: int
+    """Edge of one cell in level-0 pixels (cell ``(i, j)`` starts at ``(i, j) * cell_px``)."""
+    mpp: float
+    """Level-0 pixel size in micrometres."""
+    score: np.ndarray
+    """``(ny, nx)`` float32 focus score in stops (NaN where not judged)."""
+    tissue: np.ndarray
+    """``(ny, nx)`` bool: the cell lies on tissue (thumbnail mask, at least half)."""
+    reference_log2: float
+    """log2 band ratio of the slide's in-focus tissue (the score's zero)."""
+
+    @property
+    def judged(self) -> np.ndarray:
+        """Cells with a score (tissue with enough contrast)."""
+        return np.isfinite(self.score)
+
+    def blurred(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+        """``(ny, nx)`` bool: judged cells scoring below ``threshold`` stops."""
+        with np.errstate(invalid="ignore"):
+            return np.asarray(self.judged & (self.score < threshold), dtype=bool)
+
+    def summary(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float | int | None]:
+        """JSON-ready figures: cells, blurred fraction of judged tissue, score percentiles."""
+        judged = self.score[self.judged]
+        blurred = self.blurred(threshold)
+        return {
+            "cell_px": self.cell_px,
+            "cell_um": self.cell_px * self.mpp,
+            "threshold": threshold,
+            "reference_log2": self.reference_log2,
+            "cells_tissue": int(self.tissue.sum()),
+            "cells_judged": int(judged.size),
+            "cells_blurred": int(blurred.sum()),
+            "blurred_fraction": float(blurred.sum() / judged.size) if judged.size else 0.0,
+            "blurred_mm2": float(blurred.sum()) * (self.cell_px * self.mpp * 1e-3) ** 2,
+            "score_p05": _percentile(judged, 5),
+            "score_p50": _percentile(judged, 50),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SlideSpectra:
+    """What one pass over level 0 measures: band ratios (fine) and spectra (coarse)."""
+
+    cell_px: int
+    """Fine cell edge in level-0 pixels; the coarse grid has cells of ``2 * cell_px``."""
+    mpp: float
+    """Level-0 pixel size in micrometres."""
+    log2_ratio: np.ndarray
+    """``(ny, nx)`` float32 log2(high-band / low-band power) of grey windows."""
+    low_power: np.ndarray
+    """``(ny, nx)`` float32 low-band power (contrast) of the grey windows."""
+    tissue: np.ndarray
+    """``(ny, nx)`` bool, tissue under at least half of the cell (thumbnail mask)."""
+    freqs_per_um: np.ndarray
+    """``(nb,)`` centres of the coarse spectrum bins."""
+    bin_edges_per_um: np.ndarray
+    """``(nb + 1,)`` edges of the coarse spectrum bins."""
+    log_power: np.ndarray
+    """``(my, mx, c, nb)`` float16 natural log of mean power per bin, coarse windows."""
+
+
+def cell_px_for(mpp: float, cell_um: float = CELL_UM) -> int:
+    """Even cell edge in pixels nearest ``cell_um`` (at least 8)."""
+    return max(8, 2 * round(cell_um / mpp / 2))
+
+
+def focus_map(spectra: SlideSpectra) -> FocusMap:
+    """Focus score from a slide's band ratios, referenced to its own tissue.
+
+    Parameters
+    ----------
+    spectra : SlideSpectra
+        From :func:`scan_slide`.
+
+    Returns
+    -------
+    FocusMap
+        Median-filtered (3 x 3 cells, judged cells only) score in stops.
+    """
+    tissue = spectra.tissue
+    contrast = spectra.low_power
+    ratio = spectra.log2_ratio
+    finite = np.isfinite(ratio) & tissue
+    if not finite.any():
+        empty = np.full(ratio.shape, np.nan, dtype=np.float32)
+        return FocusMap(spectra.cell_px, spectra.mpp, empty, tissue, float("nan"))
+    floor = MIN_CONTRAST * float(np.median(contrast[finite]))
+    judged = finite & (contrast > floor)
+    reference = float(np.percentile(ratio[judged], REFERENCE_PERCENTILE))
+    raw = np.where(judged, ratio - reference, np.nan).astype(np.float32)
+    return FocusMap(spectra.cell_px, spectra.mpp, _nan_median3(raw), tissue, reference)
+
+
+def _nan_median3(values: np.ndarray) -> np.ndarray:
+    """3 x 3 median over finite neighbours; NaN cells stay NaN."""
+    padded = np.pad(values, 1, constant_values=np.nan)
+    stack = sliding_window_view(padded, (3, 3)).reshape(*values.shape, 9)
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            smoothed = np.nanmedian(stack, axis=-1)
+    return np.where(np.isfinite(values), smoothed, np.nan).astype(np.float32)
+
+
+def tiles_needing_model(
+    fmap: FocusMap, plan: TilePlan, *, threshold: float = DEFAULT_THRESHOLD, grow_cells: int = 1
+) -> np.ndarray:
+    """Tiles whose footprint holds blurred cells, for ``run --only-blurred``.
+
+    Parameters
+    ----------
+    fmap : FocusMap
+        The input's focus map.
+    plan : TilePlan
+        The run's tiles.
+    threshold : float
+        Score (stops) below which a cell is blurred.
+    grow_cells : int
+        Blurred regions are grown by this many cells first: cells at a region's edge mix
+        sharp and blurred pixels in their window and score in between.
+
+    Returns
+    -------
+    ndarray of bool, shape (ny_tiles, nx_tiles)
+        ``True`` for tiles to send through the model; AND it into ``plan.tissue``.
+    """
+    blurred = fmap.blurred(threshold)
+    if grow_cells > 0 and blurred.any():
+        blurred = ndimage.binary_dilation(blurred, iterations=grow_cells)
+    table = np.zeros((blurred.shape[0] + 1, blurred.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = blurred.cumsum(0).cumsum(1)
+    tile_h, tile_w = plan.tile_hw
+    # Only where a tile's blending weight is non-zero does its output count.
+    margin = plan.grid.margin_px
+
+    def span(origins: np.ndarray, tile: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip((origins + margin) // fmap.cell_px, 0, n)
+        hi = np.clip(-(-(origins + tile - margin) // fmap.cell_px), 0, n)
+        return lo, np.maximum(hi, lo)
+
+    y0, y1 = span(plan.origins_y, tile_h, blurred.shape[0])
+    x0, x1 = span(plan.origins_x, tile_w, blurred.shape[1])
+    count = (
+        table[y1[:, None], x1[None, :]]
+        - table[y0[:, None], x1[None, :]]
+        - table[y1[:, None], x0[None, :]]
+        + table[y0[:, None], x0[None, :]]
+    )
+    return np.asarray(count > 0, dtype=bool)
+
+
+def grey(block: np.ndarray, full_scale: float) -> np.ndarray:
+    """Mean over channels of a ``(c, y, x)`` block, as float32 in [0, 1]."""
+    return np.asarray(block, dtype=np.float32).mean(axis=0) / np.float32(full_scale)
+
+
+def full_scale_of(dtype: np.dtype) -> float:
+    """Full-scale value of a pixel type (1.0 for floats)."""
+    dtype = np.dtype(dtype)
+    return float(np.iinfo(dtype).max) if dtype.kind in "iu" else 1.0
+
+
+def band_matrix(window_px: int, mpp: float, edges_per_um: np.ndarray) -> np.ndarray:
+    """``(window * (window // 2 + 1), n_bands)`` weights averaging an rfft2 power over bands.
+
+    Columns of the half spectrum that stand for two conjugate frequencies count twice.
+    """
+    fy = np.fft.fftfreq(window_px)[:, None]
+    fx = np.fft.rfftfreq(window_px)[None, :]
+    radius = np.sqrt(fy**2 + fx**2) / mpp
+    twice = np.ones_like(radius)
+    twice[:, 1 : (window_px + 1) // 2] = 2.0
+    n_bands = len(edges_per_um) - 1
+    matrix = np.zeros((radius.size, n_bands), dtype=np.float64)
+    flat_r, flat_w = radius.ravel(), twice.ravel()
+    for k in range(n_bands):
+        inside = (flat_r >= edges_per_um[k]) & (flat_r < edges_per_um[k + 1])
+        if inside.any():
+            matrix[inside, k] = flat_w[inside] / flat_w[inside].sum()
+    return matrix.astype(np.float32)
+
+
+def window_band_power(
+    image: np.ndarray, *, window_px: int, step_px: int, bands: np.ndarray
+) -> np.ndarray:
+    """Mean power per band of Hann-tapered windows on a regular grid.
+
+    Parameters
+    ----------
+    image : ndarray of shape (Y, X), float32
+        Padded so that window ``(i, j)`` is ``image[i*step : i*step+window, j*step : ...]``.
+    window_px, step_px : int
+        Window edge and grid step.
+    bands : ndarray
+        From :func:`band_matrix`.
+
+    Returns
+    -------
+    ndarray of shape (ny, nx, n_bands), float32
+    """
+    views = sliding_window_view(image, (window_px, window_px))[::step_px, ::step_px]
+    taper = np.outer(np.hanning(window_px), np.hanning(window_px)).astype(np.float32)
+    out = np.empty((views.shape[0], views.shape[1], bands.shape[1]), dtype=np.float32)
+    for i in range(views.shape[0]):
+        row = views[i] - views[i].mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+        row *= taper
+        spectrum = sp_fft.rfft2(row, overwrite_x=True)
+        power = (spectrum.real**2 + spectrum.imag**2).reshape(row.shape[0], -1)
+        out[i] = power @ bands
+    return out
+
+
+def _blocks(shape_yx: tuple[int, int], block_px: int) -> Iterator[tuple[int, int, int, int]]:
+    height, width = shape_yx
+    for y0 in range(0, height, block_px):
+        for x0 in range(0, width, block_px):
+            yield y0, min(y0 + block_px, height), x0, min(x0 + block_px, width)
+
+
+def read_padded(data: object, y0: int, y1: int, x0: int, x1: int, halo: int) -> np.ndarray:
+    """Level-0 region ``[y0 - halo, y1 + halo) x [x0 - halo, x1 + halo)``, mirrored at edges.
+
+    ``data`` is a ``(c, y, x)`` Dask or NumPy array; ``y1, x1`` may pass its end.
+    """
+    height, width = int(data.shape[1]), int(data.shape[2])  # type: ignore[attr-defined]
+    ry0, ry1 = max(0, y0 - halo), min(height, y1 + halo)
+    rx0, rx1 = max(0, x0 - halo), min(width, x1 + halo)
+    region = np.asarray(data[:, ry0:ry1, rx0:rx1])  # type: ignore[index]
+    pads = ((0, 0), (ry0 - (y0 - halo), (y1 + halo) - ry1), (rx0 - (x0 - halo), (x1 + halo) - rx1))
+    if not any(p for axis in pads for p in axis):
+        return region
+    mode = "symmetric" if min(region.shape[1:]) > max(max(p) for p in pads) else "edge"
+    return np.pad(region, pads, mode=mode)  # type: ignore[call-overload, no-any-return]
+
+
+def scan_slide(
+    slide: Slide,
+    mask: np.ndarray,
+    *,
+    data: object | None = None,
+    cell_px: int | None = None,
+    block_cells: int = 32,
+) -> SlideSpectra:
+    """One pass over level 0: fine band ratios and coarse per-channel spectra.
+
+    Parameters
+    ----------
+    slide : Slide
+        The slide (its mpp, thumbnail grid and, unless ``data`` is given, its pixels).
+    mask : ndarray of bool, shape (Y', X')
+        Tissue on the thumbnail grid (:func:`wsi_deepr.tissue.tissue_mask`).
+    data : array of shape (C, Y, X), optional
+        Other pixels on the same grid (e.g. the refocused level 0) to scan instead.
+    cell_px : int, optional
+        Fine cell edge; :func:`cell_px_for` of the slide's mpp by default.
+    block_cells : int
+        Coarse cells per block edge read at once (memory: ``(64 * cell_px)^2`` pixels).
+
+    Returns
+    -------
+    SlideSpectra
+    """
+    pixels = slide.data if data is None else data
+    mpp = slide.mpp
+    cell = cell_px or cell_px_for(mpp)
+    coarse = 2 * cell
+    height, width = slide.shape_yx
+    ny, nx = -(-height // cell), -(-width // cell)
+    my, mx = -(-height // coarse), -(-width // coarse)
+    scale = full_scale_of(np.dtype(pixels.dtype))  # type: ignore[attr-defined]
+    nyquist = 0.5 / mpp
+    high = (HIGH_BAND_PER_UM[0], min(HIGH_BAND_PER_UM[1], 0.8 * nyquist))
+    fine_bands = band_matrix(2 * cell, mpp, np.array([*LOW_BAND_PER_UM, *high]))[:, [0, 2]]
+    edges = np.linspace(1.5 / (2 * coarse * mpp), 0.9 * nyquist, SPECTRUM_BINS + 1)
+    coarse_bands = band_matrix(2 * coarse, mpp, edges)
+    n_channels = int(pixels.shape[0])  # type: ignore[attr-defined]
+
+    ratio = np.full((ny, nx), np.nan, dtype=np.float32)
+    low = np.zeros((ny, nx), dtype=np.float32)
+    log_power = np.zeros((my, mx, n_channels, SPECTRUM_BINS), dtype=np.float16)
+    halo = coarse // 2  # coarse windows reach half a coarse cell beyond their cell
+    block_px = block_cells * coarse
+    for y0, y1, x0, x1 in _blocks((height, width), block_px):
+        # Whole cells: the block ends on a coarse-cell border past the slide edge.
+        y1c, x1c = -(-y1 // coarse) * coarse, -(-x1 // coarse) * coarse
+        region = read_padded(pixels, y0, y1c, x0, x1c, halo).astype(np.float32)
+        region /= np.float32(scale)
+        # Fine windows (2 cells) centred on fine cells start half a fine cell before.
+        fine_off = halo - cell // 2
+        g = region.mean(axis=0)[fine_off:, fine_off:]
+        bands = window_band_power(g, window_px=2 * cell, step_px=cell, bands=fine_bands)
+        cy0, cx0 = y0 // cell, x0 // cell
+        n_cy, n_cx = (y1c - y0) // cell, (x1c - x0) // cell
+        bands = bands[:n_cy, :n_cx]
+        keep_y, keep_x = min(n_cy, ny - cy0), min(n_cx, nx - cx0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            block_ratio = np.log2(bands[..., 1] / bands[..., 0])
+        ratio[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x] = block_ratio[:keep_y, :keep_x]
+        low[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x] = bands[:keep_y, :keep_x, 0]
+        my0, mx0 = y0 // coarse, x0 // coarse
+        n_my, n_mx = (y1c - y0) // coarse, (x1c - x0) // coarse
+        keep_my, keep_mx = min(n_my, my - my0), min(n_mx, mx - mx0)
+        for c in range(n_channels):
+            spec = window_band_power(region[c], window_px=2 * coarse, step_px=coarse,
+                                     bands=coarse_bands)[:keep_my, :keep_mx]  # fmt: skip
+            with np.errstate(divide="ignore"):
+                log_power[my0 : my0 + keep_my, mx0 : mx0 + keep_mx, c] = np.log(
+                    np.maximum(spec, 1e-30)
+                )
+    tissue = cell_tissue(mask, slide.thumbnail_downsample, (ny, nx), cell)
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    return SlideSpectra(cell, mpp, ratio, low, tissue, centres, edges, log_power)
+
+
+def cell_tissue(
+    mask: np.ndarray, downsample: float, grid_shape: tuple[int, int], cell_px: int
+) -> np.ndarray:
+    """Cells of a level-0 grid covered at least half by the thumbnail tissue mask."""
+    mask = np.asarray(mask, dtype=np.float32)
+    ny, nx = grid_shape
+    # Sample the mask at a few points per cell (nearest thumbnail pixel).
+    sub = 4
+    offsets = (np.arange(sub) + 0.5) / sub
+    ys = ((np.arange(ny)[:, None] + offsets[None, :]) * cell_px / downsample).astype(np.int64)
+    xs = ((np.arange(nx)[:, None] + offsets[None, :]) * cell_px / downsample).astype(np.int64)
+    ys = np.clip(ys, 0, mask.shape[0] - 1).ravel()
+    xs = np.clip(xs, 0, mask.shape[1] - 1).ravel()
+    samples = mask[np.ix_(ys, xs)].reshape(ny, sub, nx, sub)
+    return np.asarray(samples.mean(axis=(1, 3)) >= 0.5, dtype=bool)
+
+
+def upsample_cells(cells: np.ndarray, cell_px: int, shape_yx: tuple[int, int]) -> np.ndarray:
+    """A cell map repeated to level-0 pixels (cropped to ``shape_yx``)."""
+    big = np.repeat(np.repeat(cells, cell_px, axis=0), cell_px, axis=1)
+    return big[: shape_yx[0], : shape_yx[1]]
+
+
+def _percentile(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if values.size else None
+
+
+def coarse_of(fine: np.ndarray) -> np.ndarray:
+    """A fine-cell map reduced 2 x 2 to the coarse grid (mean of finite values)."""
+    ny, nx = fine.shape
+    my, mx = math.ceil(ny / 2), math.ceil(nx / 2)
+    padded = np.full((2 * my, 2 * mx), np.nan, dtype=np.float64)
+    padded[:ny, :nx] = fine
+    blocks = padded.reshape(my, 2, mx, 2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.asarray(np.nanmean(blocks, axis=(1, 3)), dtype=np.float32)
