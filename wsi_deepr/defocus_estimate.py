@@ -23,7 +23,9 @@ refined by a parabola through the cost minimum.
 
 With a refocused output, :func:`reblur_residual` checks the output against the input:
 re-blurred by the PSF at the estimated defocus it should reproduce the input. The part of
-the input it does not explain is the residual, a guard against hallucinated structure.
+the input it does not explain is the residual, a guard against hallucinated structure. It
+sees only structure coarse enough to survive that blur: anything finer is erased by the
+re-blur whether it is real or invented.
 """
 
 from __future__ import annotations
@@ -50,9 +52,10 @@ SHARP_SCORE = -1.0
 """Focus score (stops) above which a coarse cell counts as in focus for the reference."""
 UNEXPLAINED_DB = 4.0
 """Fit misfit (RMS over bins, dB) above which a cell counts as unexplained by defocus."""
-RESIDUAL_FLAG = 0.5
-"""Re-blur residual (fraction of the input's contrast) above which a refocused cell is
-flagged: the output re-blurred does not give back the input."""
+RESIDUAL_FLAG = 1.5
+"""A refocused cell is flagged when its output, re-blurred, explains the input this many
+times worse than the unchanged input re-blurred does (a no-op model scores 1, the true
+in-focus image far below 1)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +166,7 @@ def _refine(zs: np.ndarray, cost: np.ndarray, best: np.ndarray) -> np.ndarray:
 
 
 def region_summary(
-    blurred: np.ndarray, fmap: FocusMap, dmap: DefocusMap, *, max_regions: int = 50
+    blurred: np.ndarray, fmap: FocusMap, dmap: DefocusMap | None, *, max_regions: int = 50
 ) -> list[dict[str, float | int | list[float]]]:
     """Connected blurred regions of the focus map, largest first, with their defocus.
 
@@ -188,19 +191,12 @@ def region_summary(
     labels, n = ndimage.label(blurred)
     if n == 0:
         return []
-    my, mx = dmap.defocus_um.shape
     cell_um = fmap.cell_px * fmap.mpp
     out: list[dict[str, float | int | list[float]]] = []
     sizes = np.bincount(labels.ravel())[1:]
     for k in np.argsort(-sizes)[:max_regions]:
         region = labels == k + 1
-        core = _all2x2(region)[:my, :mx] & np.isfinite(dmap.defocus_um)
-        if not core.any():
-            core = (coarse_of(region.astype(np.float32))[:my, :mx] > 0) & np.isfinite(
-                dmap.defocus_um
-            )
         ys, xs = np.nonzero(region)
-        z = dmap.defocus_um[core]
         entry: dict[str, float | int | list[float]] = {
             "cells": int(region.sum()),
             "area_mm2": float(region.sum()) * (cell_um * 1e-3) ** 2,
@@ -208,6 +204,16 @@ def region_summary(
             "bbox_px": [int(ys.min()) * fmap.cell_px, int(xs.min()) * fmap.cell_px,
                         int(ys.max() + 1) * fmap.cell_px, int(xs.max() + 1) * fmap.cell_px],
         }  # fmt: skip
+        if dmap is None:
+            out.append(entry)
+            continue
+        my, mx = dmap.defocus_um.shape
+        core = _all2x2(region)[:my, :mx] & np.isfinite(dmap.defocus_um)
+        if not core.any():
+            core = (coarse_of(region.astype(np.float32))[:my, :mx] > 0) & np.isfinite(
+                dmap.defocus_um
+            )
+        z = dmap.defocus_um[core]
         if z.size:
             entry["defocus_um"] = float(np.median(z))
             entry["defocus_um_p10"] = float(np.percentile(z, 10))

@@ -14,7 +14,7 @@ all tissue cells; the focus score is ``log2(ratio) - reference`` in stops: 0 is 
 in-focus tissue of this slide, -1 half its relative fine detail. This assumes that most of
 the tissue is in focus (a percentile above the median tolerates up to ~40% blurred
 tissue); a slide blurred everywhere scores 0 everywhere and is not flagged.
-:data:`DEFAULT_THRESHOLD` (-2.5 stops) flags cells whose fine detail fell to a sixth;
+:data:`DEFAULT_BLUR_STOPS` flags cells scoring below -2.5 stops (a sixth of the detail);
 ``pipelines/calibrate_focus.py`` shows where in-focus tissue and 1-3 um defocus fall.
 
 The same pass over the slide also keeps per-channel binned spectra on a grid twice as
@@ -46,8 +46,9 @@ HIGH_BAND_PER_UM = (0.25, 0.5)
 """High band in cycles per micrometre (clipped to 0.8 x Nyquist on coarse scans)."""
 REFERENCE_PERCENTILE = 60.0
 """Percentile of the tissue cells' log2 band ratio taken as in-focus reference."""
-DEFAULT_THRESHOLD = -2.5
-"""Focus score (stops) below which a cell counts as blurred."""
+DEFAULT_BLUR_STOPS = 2.5
+"""A cell is blurred when its score is below minus this many stops (fine detail down to
+less than a sixth of the slide's in-focus tissue)."""
 MIN_CONTRAST = 1e-3
 """Cells whose low-band power is below this fraction of the tissue median are not judged
 (glass inside the tissue outline, empty lumina): nothing there to refocus."""
@@ -75,19 +76,19 @@ class FocusMap:
         """Cells with a score (tissue with enough contrast)."""
         return np.isfinite(self.score)
 
-    def blurred(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-        """``(ny, nx)`` bool: judged cells scoring below ``threshold`` stops."""
+    def blurred(self, blur_stops: float = DEFAULT_BLUR_STOPS) -> np.ndarray:
+        """``(ny, nx)`` bool: judged cells scoring below ``-blur_stops``."""
         with np.errstate(invalid="ignore"):
-            return np.asarray(self.judged & (self.score < threshold), dtype=bool)
+            return np.asarray(self.judged & (self.score < -blur_stops), dtype=bool)
 
-    def summary(self, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float | int | None]:
+    def summary(self, blur_stops: float = DEFAULT_BLUR_STOPS) -> dict[str, float | int | None]:
         """JSON-ready figures: cells, blurred fraction of judged tissue, score percentiles."""
         judged = self.score[self.judged]
-        blurred = self.blurred(threshold)
+        blurred = self.blurred(blur_stops)
         return {
             "cell_px": self.cell_px,
             "cell_um": self.cell_px * self.mpp,
-            "threshold": threshold,
+            "blur_stops": blur_stops,
             "reference_log2": self.reference_log2,
             "cells_tissue": int(self.tissue.sum()),
             "cells_judged": int(judged.size),
@@ -126,13 +127,16 @@ def cell_px_for(mpp: float, cell_um: float = CELL_UM) -> int:
     return max(8, 2 * round(cell_um / mpp / 2))
 
 
-def focus_map(spectra: SlideSpectra) -> FocusMap:
+def focus_map(spectra: SlideSpectra, *, reference_log2: float | None = None) -> FocusMap:
     """Focus score from a slide's band ratios, referenced to its own tissue.
 
     Parameters
     ----------
     spectra : SlideSpectra
         From :func:`scan_slide`.
+    reference_log2 : float, optional
+        Use this zero instead of the slide's own (e.g. the input's, for a refocused
+        output, so both maps are on one scale).
 
     Returns
     -------
@@ -148,7 +152,10 @@ def focus_map(spectra: SlideSpectra) -> FocusMap:
         return FocusMap(spectra.cell_px, spectra.mpp, empty, tissue, float("nan"))
     floor = MIN_CONTRAST * float(np.median(contrast[finite]))
     judged = finite & (contrast > floor)
-    reference = float(np.percentile(ratio[judged], REFERENCE_PERCENTILE))
+    if reference_log2 is None:
+        reference = float(np.percentile(ratio[judged], REFERENCE_PERCENTILE))
+    else:
+        reference = float(reference_log2)
     raw = np.where(judged, ratio - reference, np.nan).astype(np.float32)
     return FocusMap(spectra.cell_px, spectra.mpp, _nan_median3(raw), tissue, reference)
 
@@ -167,7 +174,11 @@ def _nan_median3(values: np.ndarray) -> np.ndarray:
 
 
 def tiles_needing_model(
-    fmap: FocusMap, plan: TilePlan, *, threshold: float = DEFAULT_THRESHOLD, grow_cells: int = 1
+    fmap: FocusMap,
+    plan: TilePlan,
+    *,
+    blur_stops: float = DEFAULT_BLUR_STOPS,
+    grow_cells: int = 1,
 ) -> np.ndarray:
     """Tiles whose footprint holds blurred cells, for ``run --only-blurred``.
 
@@ -177,8 +188,8 @@ def tiles_needing_model(
         The input's focus map.
     plan : TilePlan
         The run's tiles.
-    threshold : float
-        Score (stops) below which a cell is blurred.
+    blur_stops : float
+        A cell is blurred below a score of ``-blur_stops``.
     grow_cells : int
         Blurred regions are grown by this many cells first: cells at a region's edge mix
         sharp and blurred pixels in their window and score in between.
@@ -188,7 +199,7 @@ def tiles_needing_model(
     ndarray of bool, shape (ny_tiles, nx_tiles)
         ``True`` for tiles to send through the model; AND it into ``plan.tissue``.
     """
-    blurred = fmap.blurred(threshold)
+    blurred = fmap.blurred(blur_stops)
     if grow_cells > 0 and blurred.any():
         blurred = ndimage.binary_dilation(blurred, iterations=grow_cells)
     table = np.zeros((blurred.shape[0] + 1, blurred.shape[1] + 1), dtype=np.int64)
@@ -304,6 +315,7 @@ def scan_slide(
     data: object | None = None,
     cell_px: int | None = None,
     block_cells: int = 32,
+    coarse_spectra: bool = True,
 ) -> SlideSpectra:
     """One pass over level 0: fine band ratios and coarse per-channel spectra.
 
@@ -319,6 +331,8 @@ def scan_slide(
         Fine cell edge; :func:`cell_px_for` of the slide's mpp by default.
     block_cells : int
         Coarse cells per block edge read at once (memory: ``(64 * cell_px)^2`` pixels).
+    coarse_spectra : bool
+        Also measure the per-channel spectra for the defocus estimate (else left zero).
 
     Returns
     -------
@@ -335,7 +349,8 @@ def scan_slide(
     nyquist = 0.5 / mpp
     high = (HIGH_BAND_PER_UM[0], min(HIGH_BAND_PER_UM[1], 0.8 * nyquist))
     fine_bands = band_matrix(2 * cell, mpp, np.array([*LOW_BAND_PER_UM, *high]))[:, [0, 2]]
-    edges = np.linspace(1.5 / (2 * coarse * mpp), 0.9 * nyquist, SPECTRUM_BINS + 1)
+    # Log-spaced: far defocus leaves only the lowest frequencies above the noise.
+    edges = np.geomspace(1.5 / (2 * coarse * mpp), 0.9 * nyquist, SPECTRUM_BINS + 1)
     coarse_bands = band_matrix(2 * coarse, mpp, edges)
     n_channels = int(pixels.shape[0])  # type: ignore[attr-defined]
 
@@ -364,7 +379,7 @@ def scan_slide(
         my0, mx0 = y0 // coarse, x0 // coarse
         n_my, n_mx = (y1c - y0) // coarse, (x1c - x0) // coarse
         keep_my, keep_mx = min(n_my, my - my0), min(n_mx, mx - mx0)
-        for c in range(n_channels):
+        for c in range(n_channels if coarse_spectra else 0):
             spec = window_band_power(region[c], window_px=2 * coarse, step_px=coarse,
                                      bands=coarse_bands)[:keep_my, :keep_mx]  # fmt: skip
             with np.errstate(divide="ignore"):

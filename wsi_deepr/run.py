@@ -44,6 +44,8 @@ def refocus_slide(
     chunk_px: int | None = None,
     workers: int | None = None,
     progress: bool = False,
+    only_blurred: float | None = None,
+    qc: bool = False,
 ) -> Report:
     """Refocus a slide with a Deep-R generator and write an OME-Zarr pyramid.
 
@@ -82,6 +84,12 @@ def refocus_slide(
         Local Dask threads; ONNX Runtime gets ``cores // workers`` threads each.
     progress : bool
         Show a progress bar on stderr.
+    only_blurred : float, optional
+        Run the model only on tiles over blurred tissue: focus score below minus this
+        many stops (:mod:`wsi_deepr.focus`); writes the input focus map and PNG.
+    qc : bool
+        Also estimate the defocus, map the output's focus and check the output against
+        the input (:mod:`wsi_deepr.qc`).
 
     Returns
     -------
@@ -128,6 +136,14 @@ def refocus_slide(
         )
         if not tissue_mask:
             plan = dataclasses.replace(plan, tissue=np.ones_like(plan.tissue))
+        focus_qc = None
+        if qc or only_blurred is not None:
+            from wsi_deepr.qc import RunQc
+
+            focus_qc = RunQc.start(
+                slide, mask, na=card.objective_na, blur_stops=only_blurred, full=qc
+            )
+            plan = focus_qc.select(plan) if only_blurred is not None else plan
         tissue_mm2 = float(mask.mean()) * slide.area_mm2 if mask.size else 0.0
         prepared_s = time.perf_counter() - started
         LOG.info(
@@ -159,6 +175,8 @@ def refocus_slide(
             "chunk_px": chunk,
             "mpp": mpp,
             "strict": strict,
+            "only_blurred": only_blurred,
+            "qc": qc,
         }
         provenance: dict[str, Any] = {
             "package_version": wsi_deepr.__version__,
@@ -186,6 +204,7 @@ def refocus_slide(
             name=Path(str(slide.path)).name,
         )
 
+    qc_summary = focus_qc.finish(out, plan, level0_path=pyramid.level_paths[0]) if focus_qc else {}
     seconds = time.perf_counter() - started
     report = Report(
         input_path=str(slide.path),
@@ -209,7 +228,8 @@ def refocus_slide(
         ort_threads=ort_threads,
         scheduler=scheduler_name,
         extra={"levels": [list(s) for s in pyramid.level_shapes], "chunk_px": chunk,
-               "batch_size": batch_size, "report": REPORT_NAME},
+               "batch_size": batch_size, "report": REPORT_NAME,
+               **({"focus_qc": qc_summary} if qc_summary else {})},
     )  # fmt: skip
     provenance["timings"] = {
         "prepare_s": prepared_s,

@@ -38,6 +38,12 @@ LOG = logging.getLogger("wsi_deepr")
               help="Refuse a slide whose pixel size lies outside the model's range.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tiles per model call [default: 1 on the CPU, 8 on a GPU].")  # fmt: skip
+@click.option("--only-blurred", "only_blurred", type=click.FloatRange(min=0, min_open=True),
+              is_flag=False, flag_value=2.5, default=None, metavar="[STOPS]",
+              help="Refocus only tiles over blurred tissue: focus score below -STOPS "
+                   "[2.5]; writes the focus map.")  # fmt: skip
+@click.option("--qc", is_flag=True,
+              help="Write focus maps (input, output), defocus map, focus_map.png.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 def run(
@@ -53,6 +59,8 @@ def run(
     mpp: float | None,
     strict: bool,
     batch_size: int | None,
+    only_blurred: float | None,
+    qc: bool,
     overwrite: bool,
     quiet: bool,
 ) -> None:
@@ -80,6 +88,8 @@ def run(
         mpp=mpp,
         strict=strict,
         batch_size=batch_size,
+        only_blurred=only_blurred,
+        qc=qc,
         progress=not quiet and sys.stderr.isatty(),
     )
     if not quiet:
