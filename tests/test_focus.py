@@ -65,7 +65,7 @@ def iou_on_tissue(fmap: FocusMap, truth: np.ndarray) -> float:
     return float((found & truth).sum() / max(1, (found | truth).sum()))
 
 
-@pytest.mark.parametrize("z_um", [2.0, 3.5, 5.0, 8.0])
+@pytest.mark.parametrize("z_um", [2.0, 5.0, 8.0])
 def test_map_finds_the_patch_and_its_defocus_on_real_tissue(tmp_path, cmu1_crop, z_um):
     image, mpp = cmu1_crop
     patch = ellipse(image.shape[1:], (800, 700), (330, 260))

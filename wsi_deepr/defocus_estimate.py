@@ -44,7 +44,7 @@ from wsi_deepr.physics import Optics, psf
 
 Z_MAX_UM = 12.0
 """Largest defocus considered."""
-Z_STEP_UM = 0.25
+Z_STEP_UM = 0.5
 """Spacing of the candidate defocus values (refined by a parabola)."""
 FLOOR = 1e-3
 """Power ratio (-30 dB) below which the spectrum is taken as noise on both sides."""

@@ -316,6 +316,7 @@ def scan_slide(
     cell_px: int | None = None,
     block_cells: int = 32,
     coarse_spectra: bool = True,
+    workers: int | None = None,
 ) -> SlideSpectra:
     """One pass over level 0: fine band ratios and coarse per-channel spectra.
 
@@ -333,6 +334,8 @@ def scan_slide(
         Coarse cells per block edge read at once (memory: ``(64 * cell_px)^2`` pixels).
     coarse_spectra : bool
         Also measure the per-channel spectra for the defocus estimate (else left zero).
+    workers : int, optional
+        Threads (blocks in parallel); the cores this process may use by default.
 
     Returns
     -------
@@ -359,7 +362,8 @@ def scan_slide(
     log_power = np.zeros((my, mx, n_channels, SPECTRUM_BINS), dtype=np.float16)
     halo = coarse // 2  # coarse windows reach half a coarse cell beyond their cell
     block_px = block_cells * coarse
-    for y0, y1, x0, x1 in _blocks((height, width), block_px):
+
+    def scan_block(y0: int, y1: int, x0: int, x1: int) -> None:
         # Whole cells: the block ends on a coarse-cell border past the slide edge.
         y1c, x1c = -(-y1 // coarse) * coarse, -(-x1 // coarse) * coarse
         region = read_padded(pixels, y0, y1c, x0, x1c, halo).astype(np.float32)
@@ -381,11 +385,20 @@ def scan_slide(
         keep_my, keep_mx = min(n_my, my - my0), min(n_mx, mx - mx0)
         for c in range(n_channels if coarse_spectra else 0):
             spec = window_band_power(region[c], window_px=2 * coarse, step_px=coarse,
-                                     bands=coarse_bands)[:keep_my, :keep_mx]  # fmt: skip
+                                         bands=coarse_bands)[:keep_my, :keep_mx]  # fmt: skip
             with np.errstate(divide="ignore"):
                 log_power[my0 : my0 + keep_my, mx0 : mx0 + keep_mx, c] = np.log(
                     np.maximum(spec, 1e-30)
                 )
+
+    # Blocks write disjoint cells; FFTs release the GIL, so threads share the work.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_deepr.inference import available_cores
+
+    with ThreadPoolExecutor(max_workers=workers or available_cores()) as pool:
+        for future in [pool.submit(scan_block, *b) for b in _blocks((height, width), block_px)]:
+            future.result()
     tissue = cell_tissue(mask, slide.thumbnail_downsample, (ny, nx), cell)
     centres = 0.5 * (edges[1:] + edges[:-1])
     return SlideSpectra(cell, mpp, ratio, low, tissue, centres, edges, log_power)
