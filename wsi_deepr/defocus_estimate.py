@@ -238,6 +238,7 @@ def reblur_residual(
     *,
     cells: np.ndarray,
     full_scale: float,
+    block_cells: int = 16,
 ) -> np.ndarray:
     """How much of the input the refocused output, re-blurred, fails to explain.
 
@@ -259,6 +260,8 @@ def reblur_residual(
         Coarse cells to check (e.g. blurred cells whose tiles went through the model).
     full_scale : float
         Full-scale pixel value (255 for 8-bit).
+    block_cells : int
+        Cells per block edge read at once.
 
     Returns
     -------
@@ -267,28 +270,47 @@ def reblur_residual(
     """
     out = np.full(dmap.defocus_um.shape, np.nan, dtype=np.float32)
     cell = dmap.cell_px
-    for i, j in zip(*np.nonzero(cells & np.isfinite(dmap.defocus_um)), strict=True):
-        z = round(float(dmap.defocus_um[i, j]) / Z_STEP_UM) * Z_STEP_UM
-        kernels = [psf(o, z) for o in optics]
-        halo = max(k.shape[0] for k in kernels) // 2
-        y0, x0 = int(i) * cell, int(j) * cell
-        region_in = read_padded(input_data, y0, y0 + cell, x0, x0 + cell, 0)
-        region_out = read_padded(output_data, y0, y0 + cell, x0, x0 + cell, halo)
-        fractions = []
-        for c, kernel in enumerate(kernels):
-            src = np.asarray(region_out[c], dtype=np.float32) / np.float32(full_scale)
-            blurred = sp_fft.irfft2(
-                sp_fft.rfft2(src) * sp_fft.rfft2(kernel, s=src.shape), s=src.shape
-            )
-            # Circular convolution: output n is centred on source pixel n - k // 2, so
-            # the cell (source pixels halo ... halo + cell) starts at halo + k // 2.
-            start = halo + kernel.shape[0] // 2
-            reblurred = blurred[start : start + cell, start : start + cell]
-            seen = np.asarray(region_in[c], dtype=np.float32) / np.float32(full_scale)
-            seen = seen[: reblurred.shape[0], : reblurred.shape[1]]
-            spread = float(np.sqrt(np.mean((seen - seen.mean()) ** 2)))
-            explained = reblurred[: seen.shape[0], : seen.shape[1]]
-            error = float(np.sqrt(np.mean((seen - explained) ** 2)))
-            fractions.append(error / max(spread, 1e-6))
-        out[i, j] = float(np.mean(fractions))
+    selected = cells & np.isfinite(dmap.defocus_um)
+    z_cells = np.round(dmap.defocus_um / Z_STEP_UM) * Z_STEP_UM
+    halo = max(psf(o, Z_MAX_UM).shape[0] for o in optics) // 2
+    # Read blocks of cells once (with a halo for the blur), not every cell on its own.
+    for bi in range(0, selected.shape[0], block_cells):
+        for bj in range(0, selected.shape[1], block_cells):
+            block = selected[bi : bi + block_cells, bj : bj + block_cells]
+            if not block.any():
+                continue
+            y0, x0 = bi * cell, bj * cell
+            y1, x1 = y0 + block.shape[0] * cell, x0 + block.shape[1] * cell
+            seen = read_padded(input_data, y0, y1, x0, x1, 0).astype(np.float32)
+            source = read_padded(output_data, y0, y1, x0, x1, halo).astype(np.float32)
+            seen /= np.float32(full_scale)
+            source /= np.float32(full_scale)
+            for i, j in zip(*np.nonzero(block), strict=True):
+                z = float(z_cells[bi + i, bj + j])
+                ys, xs = i * cell, j * cell
+                out[bi + i, bj + j] = _cell_residual(
+                    seen[:, ys : ys + cell, xs : xs + cell],
+                    source[:, ys : ys + cell + 2 * halo, xs : xs + cell + 2 * halo],
+                    [psf(o, z) for o in optics],
+                    halo,
+                )
     return out
+
+
+def _cell_residual(
+    seen: np.ndarray, source: np.ndarray, kernels: list[np.ndarray], halo: int
+) -> float:
+    """Residual of one cell: ``seen (c, n, n)``, ``source`` the output with ``halo``."""
+    cell = seen.shape[1]
+    fractions = []
+    for c, kernel in enumerate(kernels):
+        src = source[c]
+        blurred = sp_fft.irfft2(sp_fft.rfft2(src) * sp_fft.rfft2(kernel, s=src.shape), s=src.shape)
+        # Circular convolution: output n is centred on source pixel n - k // 2, so the
+        # cell (source pixels halo ... halo + cell) starts at halo + k // 2.
+        start = halo + kernel.shape[0] // 2
+        reblurred = blurred[start : start + cell, start : start + cell]
+        spread = float(np.sqrt(np.mean((seen[c] - seen[c].mean()) ** 2)))
+        error = float(np.sqrt(np.mean((seen[c] - reblurred) ** 2)))
+        fractions.append(error / max(spread, 1e-6))
+    return float(np.mean(fractions))

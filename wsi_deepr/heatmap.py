@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-PANEL_PX = 560
+PANEL_PX = 440
 """Longer edge of each panel's image."""
 
 # Anchors of the colour maps (position 0..1, RGB).
@@ -145,7 +145,7 @@ def render(
         draw.text((x0, head_px + 6), panel.title, fill="black", font=big)
         canvas.paste(Image.fromarray(_map_on_thumbnail(grey, panel, level0_per_px)), (x0, y0))
         # colour bar
-        bar_w = min(w, 320)
+        bar_w = max(80, min(w - 56, 320))  # room for the unit on the right
         ramp = np.linspace(panel.limits[0], panel.limits[1], bar_w)
         bar = np.repeat(colorize(ramp, panel.limits, panel.colors)[None], 14, axis=0)
         by = y0 + h + 8
