@@ -113,9 +113,9 @@ def test_another_scanner_and_pixel_size(tmp_path):
 
 def test_synthetic_tissue_patch_is_found(tmp_path):
     """Without the shared data: H&E-like synthetic tissue, a 3 um patch."""
-    image = synthetic_tissue((1024, 1024), seed=7)
-    mpp = 0.5
-    patch = ellipse(image.shape[1:], (500, 520), (260, 220))
+    image = synthetic_tissue((896, 896), seed=7)
+    mpp = 0.499  # as CMU-1's, so the PSF tables are computed once per session
+    patch = ellipse(image.shape[1:], (440, 450), (250, 210))
     slide = open_slide(
         make_tiff_slide(tmp_path / "syn.tif", defocus_patch(image, patch, 3.0, mpp), mpp)
     )
@@ -178,3 +178,8 @@ def test_only_blurred_default_in_the_cli_is_the_library_default():
 
     option = next(p for p in run.params if p.name == "only_blurred")
     assert option.flag_value == DEFAULT_BLUR_STOPS
+    parsed = run.make_context("run", ["in.tif", "out.zarr", "--only-blurred"]).params
+    assert parsed["only_blurred"] == DEFAULT_BLUR_STOPS and not parsed["qc"]
+    parsed = run.make_context("run", ["in.tif", "out.zarr", "--only-blurred", "3", "--qc"]).params
+    assert parsed["only_blurred"] == 3.0 and parsed["qc"]
+    assert run.make_context("run", ["in.tif", "out.zarr"]).params["only_blurred"] is None
