@@ -159,8 +159,8 @@ def main() -> None:
         f"only-blurred {ssim_only:.4f} (difference {ssim_only - ssim_full:+.4f})"
     )
     print(
-        f"disc pixels inside refocused tiles: {100 * covered:.1f}%; pixels outside every "
-        f"refocused tile ({100 * (~ran).mean():.1f}% of the slide) equal to the input bit "
+        f"tissue pixels of the disc inside refocused tiles: {100 * covered:.1f}%; pixels outside "
+        f"every refocused tile ({100 * (~ran).mean():.1f}% of the slide) equal to the input bit "
         f"for bit: {unchanged}"
     )
     print(f"focus map: {100 * qc['focus']['blurred_fraction']:.1f}% of judged tissue blurred")

@@ -147,3 +147,38 @@ def test_qc_command_writes_maps_png_and_json_for_each_slide(tmp_path, patched, c
         main(["qc", str(sharp), "--out", str(tmp_path / "qc" / "sharp")])
     assert exit_info.value.code == 2
     assert "already holds QC results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ngff", ["0.5", "0.4"])
+def test_map_images_are_valid_ngff_in_both_versions(tmp_path, ngff):
+    """Maps of a small synthetic slide (no shared data needed), written into zarr v3 or v2."""
+    from slides import synthetic_tissue
+
+    from wsi_deepr.qc import assess, write_maps
+
+    image = synthetic_tissue((600, 700), seed=3)
+    slide = open_slide(make_tiff_slide(tmp_path / "s.tif", image, 0.5, pyramid=False))
+    result, _ = assess(slide, tissue_mask(slide))
+    group = zarr.open_group(str(tmp_path / "maps.zarr"), mode="w",
+                            zarr_format=3 if ngff == "0.5" else 2)  # fmt: skip
+    write_maps(group, result)
+    if ngff == "0.5":
+        from ome_zarr_models.v05 import Image
+    else:
+        from ome_zarr_models.v04 import Image
+    maps = zarr.open_group(str(tmp_path / "maps.zarr"), mode="r")[GROUP]
+    for name in ("focus_input", "blurred", "defocus_um", "defocus_fit_rms_db"):
+        Image.from_zarr(maps[name])
+    level = "s0" if ngff == "0.5" else "0"
+    assert maps["focus_input"][level].shape == result.focus_input.score.shape
+
+
+def test_qc_of_a_blank_slide_reports_nothing_blurred(tmp_path):
+    from wsi_deepr.qc import qc_slide
+
+    blank = np.full((3, 512, 512), 240, dtype=np.uint8)
+    result = qc_slide(make_tiff_slide(tmp_path / "blank.tif", blank, 0.5), tmp_path / "qc")
+    summary = result.summary()
+    assert summary["focus"]["cells_judged"] == 0 and summary["regions"] == []
+    assert (tmp_path / "qc" / PNG_NAME).is_file()
+    assert "0.0% of judged tissue blurred" in result.one_line()

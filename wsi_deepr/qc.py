@@ -368,8 +368,10 @@ def thumbnail_rgb(slide: Slide) -> tuple[np.ndarray, float]:
     from wsi_deepr.tissue import _thumbnail
 
     image = np.asarray(_thumbnail(slide))
-    top = full_scale_of(slide.thumbnail.dtype) if slide.thumbnail.dtype.kind in "iu" else None
-    top = top or float(np.percentile(image, 99.5)) or 1.0
+    if slide.thumbnail.dtype == np.uint8:
+        top = 255.0
+    else:  # 16-bit or float fluorescence rarely fills its range: stretch to what is there
+        top = float(np.percentile(image, 99.5)) or 1.0
     rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
     u8 = np.clip(rgb / top * 255.0, 0, 255).astype(np.uint8)
     return np.moveaxis(u8, 0, -1), float(slide.thumbnail_downsample)
