@@ -40,7 +40,7 @@ from scipy import fft as sp_fft
 from scipy import ndimage
 
 from wsi_deepr.focus import FocusMap, SlideSpectra, band_matrix, coarse_of, read_padded
-from wsi_deepr.physics import Optics, psf
+from wsi_deepr.physics import Optics, psf, with_mpp
 
 Z_MAX_UM = 12.0
 """Largest defocus considered."""
@@ -130,7 +130,10 @@ def estimate_defocus(
     if not sharp.any():
         return DefocusMap(2 * spectra.cell_px, spectra.mpp, z_map, rms_map, 0)
     reference = np.median(log_power[sharp], axis=0)  # (c, nb)
-    table = otf_table(optics, spectra.bin_edges_per_um)  # (nz, c, nb)
+    # The spectra were measured on a grid reduced by an integer factor: the PSF is
+    # integrated over those pixels.
+    at_analysis = with_mpp(optics, spectra.analysis_mpp)
+    table = otf_table(at_analysis, spectra.bin_edges_per_um)  # (nz, c, nb)
     model = np.log(table + FLOOR).astype(np.float32)
     zs = candidate_z()
     log_floor = np.float32(math.log(FLOOR))

@@ -111,6 +111,8 @@ class SlideSpectra:
     """Fine cell edge in level-0 pixels; the coarse grid has cells of ``2 * cell_px``."""
     mpp: float
     """Level-0 pixel size in micrometres."""
+    analysis_mpp: float
+    """Pixel size the spectra were measured at (level 0 reduced by an integer factor)."""
     log2_ratio: np.ndarray
     """``(ny, nx)`` float32 log2(high-band / low-band power) of grey windows."""
     low_power: np.ndarray
@@ -128,6 +130,24 @@ class SlideSpectra:
 def cell_px_for(mpp: float, cell_um: float = CELL_UM) -> int:
     """Even cell edge in pixels nearest ``cell_um`` (at least 8)."""
     return max(8, 2 * round(cell_um / mpp / 2))
+
+
+ANALYSIS_MPP = 0.5
+"""Slides finer than this are analysed at an integer reduction close to it: the focus
+bands end at 0.5 cycles/um and the defocus estimate needs no more, so finer pixels only
+cost FFT work (a 2 x 2 mean quarters it at 0.25 um/px)."""
+
+
+def reduction_for(mpp: float) -> int:
+    """Integer factor taking ``mpp`` near :data:`ANALYSIS_MPP` (1 for coarser slides)."""
+    return max(1, round(ANALYSIS_MPP / mpp))
+
+
+def _reduce(region: np.ndarray, factor: int) -> np.ndarray:
+    if factor == 1:
+        return region
+    c, h, w = region.shape
+    return region.reshape(c, h // factor, factor, w // factor, factor).mean(axis=(2, 4))
 
 
 def focus_map(spectra: SlideSpectra, *, reference_log2: float | None = None) -> FocusMap:
@@ -332,7 +352,8 @@ def scan_slide(
     data : array of shape (C, Y, X), optional
         Other pixels on the same grid (e.g. the refocused level 0) to scan instead.
     cell_px : int, optional
-        Fine cell edge; :func:`cell_px_for` of the slide's mpp by default.
+        Fine cell edge in level-0 pixels, a multiple of the reduction
+        (:func:`reduction_for`); about 16 um by default.
     block_cells : int
         Coarse cells per block edge read at once (memory: ``(64 * cell_px)^2`` pixels).
     coarse_spectra : bool
@@ -345,8 +366,11 @@ def scan_slide(
     SlideSpectra
     """
     pixels = slide.data if data is None else data
-    mpp = slide.mpp
-    cell = cell_px or cell_px_for(mpp)
+    factor = reduction_for(slide.mpp)
+    mpp = slide.mpp * factor  # the analysis grid; cells and blocks stay in level-0 pixels
+    cell = cell_px or factor * cell_px_for(mpp)
+    if cell % factor:
+        raise ValueError(f"cell_px {cell} must be a multiple of the reduction {factor}")
     coarse = 2 * cell
     height, width = slide.shape_yx
     ny, nx = -(-height // cell), -(-width // cell)
@@ -354,10 +378,11 @@ def scan_slide(
     scale = full_scale_of(np.dtype(pixels.dtype))  # type: ignore[attr-defined]
     nyquist = 0.5 / mpp
     high = (HIGH_BAND_PER_UM[0], min(HIGH_BAND_PER_UM[1], 0.8 * nyquist))
-    fine_bands = band_matrix(2 * cell, mpp, np.array([*LOW_BAND_PER_UM, *high]))[:, [0, 2]]
+    cell_a, coarse_a = cell // factor, coarse // factor  # on the analysis grid
+    fine_bands = band_matrix(2 * cell_a, mpp, np.array([*LOW_BAND_PER_UM, *high]))[:, [0, 2]]
     # Log-spaced: far defocus leaves only the lowest frequencies above the noise.
-    edges = np.geomspace(1.5 / (2 * coarse * mpp), 0.9 * nyquist, SPECTRUM_BINS + 1)
-    coarse_bands = band_matrix(2 * coarse, mpp, edges)
+    edges = np.geomspace(1.5 / (2 * coarse_a * mpp), 0.9 * nyquist, SPECTRUM_BINS + 1)
+    coarse_bands = band_matrix(2 * coarse_a, mpp, edges)
     n_channels = int(pixels.shape[0])  # type: ignore[attr-defined]
 
     ratio = np.full((ny, nx), np.nan, dtype=np.float32)
@@ -370,11 +395,12 @@ def scan_slide(
         # Whole cells: the block ends on a coarse-cell border past the slide edge.
         y1c, x1c = -(-y1 // coarse) * coarse, -(-x1 // coarse) * coarse
         region = read_padded(pixels, y0, y1c, x0, x1c, halo).astype(np.float32)
+        region = _reduce(region, factor)
         region /= np.float32(scale)
         # Fine windows (2 cells) centred on fine cells start half a fine cell before.
-        fine_off = halo - cell // 2
+        fine_off = (halo - cell // 2) // factor
         g = region.mean(axis=0)[fine_off:, fine_off:]
-        bands = window_band_power(g, window_px=2 * cell, step_px=cell, bands=fine_bands)
+        bands = window_band_power(g, window_px=2 * cell_a, step_px=cell_a, bands=fine_bands)
         cy0, cx0 = y0 // cell, x0 // cell
         n_cy, n_cx = (y1c - y0) // cell, (x1c - x0) // cell
         bands = bands[:n_cy, :n_cx]
@@ -387,7 +413,7 @@ def scan_slide(
         n_my, n_mx = (y1c - y0) // coarse, (x1c - x0) // coarse
         keep_my, keep_mx = min(n_my, my - my0), min(n_mx, mx - mx0)
         for c in range(n_channels if coarse_spectra else 0):
-            spec = window_band_power(region[c], window_px=2 * coarse, step_px=coarse,
+            spec = window_band_power(region[c], window_px=2 * coarse_a, step_px=coarse_a,
                                          bands=coarse_bands)[:keep_my, :keep_mx]  # fmt: skip
             with np.errstate(divide="ignore"):
                 log_power[my0 : my0 + keep_my, mx0 : mx0 + keep_mx, c] = np.log(
@@ -404,7 +430,7 @@ def scan_slide(
             future.result()
     tissue = cell_tissue(mask, slide.thumbnail_downsample, (ny, nx), cell)
     centres = 0.5 * (edges[1:] + edges[:-1])
-    return SlideSpectra(cell, mpp, ratio, low, tissue, centres, edges, log_power)
+    return SlideSpectra(cell, slide.mpp, mpp, ratio, low, tissue, centres, edges, log_power)
 
 
 def cell_tissue(
