@@ -17,7 +17,7 @@ sharp tissue); a slide blurred everywhere scores 0 everywhere and is not flagged
 :data:`DEFAULT_BLUR_STOPS` flags cells scoring below -2.5 stops (a sixth of the detail).
 ``pipelines/calibrate_focus.py`` measured where that falls on four real H&E images
 (CMU-1 at 0.499 um/px, three OpenSlide crops at 0.227-0.346 um/px) blurred uniformly at
-NA 0.75: in focus 0-1.9% of cells flagged, 0.5 um 0-6.8%, 1 um 2-28%, 1.5 um 70-77%,
+NA 0.75: in focus 0-1.9% of cells flagged, 0.5 um 0-6.8%, 1 um 1-28%, 1.5 um 70-79%,
 2 um and beyond 99-100%. The default thus means "more than about 1.5 um out of focus".
 
 The same pass over the slide also keeps per-channel binned spectra on a grid twice as
