@@ -3,7 +3,7 @@
 The slide is real tissue: CMU-1-Small-Region (Aperio H&E, 0.499 um/px) mirrored into a
 2 x 2 mosaic, with a disc holding about ``--fraction`` of the tissue put ``--z`` um out of
 focus by :func:`wsi_deepr.physics.defocus_image` (pixels outside it keep the scanned
-values). It is written as a tiled, uncompressed TIFF with its pixel size. Both runs go
+values). It is written as a tiled, uncompressed pyramidal TIFF with its pixel size. Both runs go
 through the command line in child processes (same model, device and options); the
 wall time of each is measured around the process and read from its ``report.json``.
 
@@ -77,16 +77,26 @@ def build(folder: Path, *, z_um: float, fraction: float) -> dict:
 
 
 def _write_tiff(path: Path, image: np.ndarray, mpp: float, tifffile) -> None:
-    px_per_cm = 1e4 / mpp
-    tifffile.imwrite(
-        path,
-        np.moveaxis(image, 0, -1),
-        tile=(256, 256),
-        photometric="rgb",
-        resolution=(px_per_cm, px_per_cm),
-        resolutionunit="CENTIMETER",
-        metadata=None,
-    )
+    """Tiled RGB TIFF with 2x reduced levels as pages (as scanners write; OpenSlide reads
+    them), so the tissue mask reads a small level rather than all of level 0."""
+    levels = [image]
+    while max(levels[-1].shape[1:]) > 1024:
+        top = levels[-1]
+        h, w = top.shape[1] // 2 * 2, top.shape[2] // 2 * 2
+        down = top[:, :h, :w].reshape(3, h // 2, 2, w // 2, 2).mean(axis=(2, 4))
+        levels.append(np.rint(down).astype(np.uint8))
+    with tifffile.TiffWriter(path) as tif:
+        for k, level in enumerate(levels):
+            px_per_cm = 1e4 / (mpp * 2**k)
+            tif.write(
+                np.moveaxis(level, 0, -1),
+                tile=(256, 256),
+                photometric="rgb",
+                subfiletype=1 if k else 0,
+                resolution=(px_per_cm, px_per_cm),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
 
 
 def run(slide: Path, out: Path, extra: list[str], device: str) -> tuple[float, dict]:
