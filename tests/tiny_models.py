@@ -6,6 +6,7 @@ as ``metadata_props`` (JSON-encoded values, as the exporter writes them).
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,54 @@ def make_scale_model(path: str | Path, *, factor: float = 2.0, channels: int = 1
     const = numpy_helper.from_array(np.array(factor, dtype=np.float32), "k")
     node = helper.make_node("Mul", ["input", "k"], ["output"])
     return _save(Path(path), [node], channels, initializers=[const])
+
+
+def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) -> Path:
+    """A stack of dense 3x3 convolutions that smooth (RGB in and out), with real cost.
+
+    About ``9 x width^2 x n_layers`` multiply-adds per pixel, like a small U-Net, so a
+    run takes long enough to be interrupted; each layer averages its inputs with
+    :data:`BLUR_3X3`, so values stay in range.
+    """
+    sizes = [3, *([width] * n_layers), 3]
+    nodes, initializers = [], []
+    for k, (c_in, c_out) in enumerate(itertools.pairwise(sizes)):
+        weight = np.broadcast_to(BLUR_3X3 / c_in, (c_out, c_in, 3, 3)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, f"w{k}"))
+        source = "input" if k == 0 else f"h{k}"
+        target = "output" if k == len(sizes) - 2 else f"h{k + 1}"
+        nodes.append(
+            helper.make_node(
+                "Conv", [source, f"w{k}"], [target], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+            )
+        )
+    return _save(Path(path), nodes, 3, initializers=initializers)
+
+
+def make_channel_mean_model(path: str | Path, *, channels: int = 3) -> Path:
+    """``output = mean over channels``: declares ``(n, 1, y, x)`` for ``(n, channels, y, x)``."""
+    path = Path(path)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", channels, "y", "x"])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 1, "y", "x"])
+    node = helper.make_node("ReduceMean", ["input"], ["output"], axes=[1], keepdims=1)
+    graph = helper.make_graph([node], path.stem, [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_unknown_op_model(path: str | Path, *, channels: int = 3) -> Path:
+    """A well-formed ONNX file whose one node is an operator no runtime implements."""
+    path = Path(path)
+    dims: list[Any] = ["n", channels, "y", "x"]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)
+    node = helper.make_node("Refocus", ["input"], ["output"], domain="org.example.nowhere")
+    graph = helper.make_graph([node], path.stem, [x], [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("org.example.nowhere", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
