@@ -178,8 +178,9 @@ def main() -> None:
 
 def _ran_mask(report: dict, shape_yx: tuple[int, int]) -> np.ndarray:
     """Pixels inside a refocused tile, from the maps written into the store."""
-    from wsi_deepr.focus import focus_map, scan_slide, tiles_needing_model
+    from wsi_deepr.focus import focus_map, tiles_needing_model
     from wsi_deepr.readers import open_slide
+    from wsi_deepr.spectra import scan_slide
     from wsi_deepr.tiling import TileGrid, plan_tiles
     from wsi_deepr.tissue import tissue_mask
 

@@ -19,8 +19,9 @@ import dask.array as da
 import numpy as np
 
 from wsi_deepr import physics
-from wsi_deepr.focus import DEFAULT_BLUR_STOPS, focus_map, scan_slide
+from wsi_deepr.focus import DEFAULT_BLUR_STOPS, focus_map
 from wsi_deepr.readers import open_slide
+from wsi_deepr.spectra import scan_slide
 from wsi_deepr.tissue import tissue_mask
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -19,11 +19,11 @@ from wsi_deepr.focus import (
     DEFAULT_BLUR_STOPS,
     FocusMap,
     focus_map,
-    scan_slide,
     tiles_needing_model,
     upsample_cells,
 )
 from wsi_deepr.readers import open_slide
+from wsi_deepr.spectra import scan_slide
 from wsi_deepr.tiling import TileGrid, plan_tiles
 from wsi_deepr.tissue import tissue_mask
 

@@ -17,11 +17,13 @@ from slides import make_tiff_slide
 from test_focus import CMU1, CROP, defocus_patch, ellipse
 
 from wsi_deepr.cli import main
-from wsi_deepr.focus import DEFAULT_BLUR_STOPS, focus_map, scan_slide, tiles_needing_model
+from wsi_deepr.focus import DEFAULT_BLUR_STOPS, focus_map, tiles_needing_model
 from wsi_deepr.metrics import ssim
-from wsi_deepr.qc import GROUP, JSON_NAME, PNG_NAME
+from wsi_deepr.qc import JSON_NAME, PNG_NAME
+from wsi_deepr.qc_store import GROUP
 from wsi_deepr.readers import open_slide
 from wsi_deepr.run import refocus_slide
+from wsi_deepr.spectra import scan_slide
 from wsi_deepr.tiling import TileGrid, plan_tiles
 from wsi_deepr.tissue import tissue_mask
 

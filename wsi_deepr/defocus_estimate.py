@@ -39,8 +39,9 @@ import numpy as np
 from scipy import fft as sp_fft
 from scipy import ndimage
 
-from wsi_deepr.focus import FocusMap, SlideSpectra, band_matrix, coarse_of, read_padded
+from wsi_deepr.focus import FocusMap, coarse_of
 from wsi_deepr.physics import Optics, psf, with_mpp
+from wsi_deepr.spectra import SlideSpectra, band_matrix, read_padded
 
 Z_MAX_UM = 12.0
 """Largest defocus considered."""

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
+
+from wsi_deepr.defocus_estimate import UNEXPLAINED_DB
+from wsi_deepr.focus import coarse_of
+from wsi_deepr.slide import Slide
+
+if TYPE_CHECKING:
+    from wsi_deepr.qc import QcResult
 
 PANEL_PX = 440
 """Longer edge of each panel's image."""
@@ -166,3 +174,53 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     target = Path(path)
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(target)
     return target
+
+
+def thumbnail_rgb(slide: Slide) -> tuple[np.ndarray, float]:
+    """The slide's thumbnail as ``(h, w, 3)`` uint8 and level-0 pixels per thumbnail pixel."""
+    from wsi_deepr.tissue import _thumbnail
+
+    image = np.asarray(_thumbnail(slide))
+    if slide.thumbnail.dtype == np.uint8:
+        top = 255.0
+    else:  # 16-bit or float fluorescence rarely fills its range: stretch to what is there
+        top = float(np.percentile(image, 99.5)) or 1.0
+    rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
+    u8 = np.clip(rgb / top * 255.0, 0, 255).astype(np.uint8)
+    return np.moveaxis(u8, 0, -1), float(slide.thumbnail_downsample)
+
+
+def _defocus_shown(result: QcResult) -> np.ndarray:
+    """Defocus where it means something: cells whose four focus cells are all judged and
+    all blurred or all sharp (windows across a focus edge or the tissue edge mix two
+    states no single defocus explains), and the fit explains the spectrum."""
+    assert result.defocus is not None
+    z = result.defocus.defocus_um
+    judged = coarse_of(result.focus_input.judged.astype(np.float32))[: z.shape[0], : z.shape[1]]
+    blurred = coarse_of(result.blurred().astype(np.float32))[: z.shape[0], : z.shape[1]]
+    clean = (judged == 1.0) & ((blurred == 0.0) | (blurred == 1.0))
+    explained = result.defocus.fit_rms_db <= UNEXPLAINED_DB
+    return np.where(clean & explained, z, np.nan)
+
+
+def write_png(slide: Slide, result: QcResult, path: str | Path) -> Path:
+    """The heat-map PNG: input focus, output focus (after a run), estimated defocus."""
+    thumb, per_px = thumbnail_rgb(slide)
+    blurred = result.blurred()
+    fine = result.focus_input.cell_px
+    limits = (-6.0, 1.0)
+    panels = [Panel("focus, input", result.focus_input.score, fine, limits, "stops",
+                    outline=blurred, outline_cell_px=fine)]  # fmt: skip
+    if result.focus_output is not None:
+        panels.append(Panel("focus, output", result.focus_output.score, fine, limits, "stops",
+                            outline=blurred, outline_cell_px=fine))  # fmt: skip
+    if result.defocus is not None:
+        panels.append(Panel("estimated defocus |z|", _defocus_shown(result), 2 * fine,
+                            (0.0, 8.0), "um", colors=DEFOCUS_COLORS, outline=blurred,
+                            outline_cell_px=fine))  # fmt: skip
+    s = result.summary()["focus"]
+    heading = (
+        f"{Path(result.slide_path).name}: {100 * s['blurred_fraction']:.1f}% of tissue blurred "
+        f"(score < -{result.blur_stops:g} stops, outlined); 0 stops = the slide's in-focus tissue"
+    )
+    return save_png(render(thumb, per_px, panels, heading=heading), path)

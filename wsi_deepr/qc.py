@@ -2,17 +2,9 @@
 
 The library entry behind ``wsi-deepr qc`` (:func:`qc_slide`) and the hooks that
 ``wsi-deepr run --qc`` / ``--only-blurred`` call (:class:`RunQc`). The maps are written as
-low-resolution OME-Zarr images in a ``focus_qc`` group (inside the run's output store, or
-a store of their own for ``qc``), a heat-map PNG and JSON figures.
-
-Map images (each a single-level NGFF multiscale image with axes ``y, x``; one cell is
-``scale`` micrometres, centred like the level-0 pixels it covers):
-
-- ``focus_input``, ``focus_output``: focus score in stops (:mod:`wsi_deepr.focus`).
-- ``blurred``: uint8, 1 where the input is blurred, 2 where it is and its tiles ran.
-- ``defocus_um``, ``defocus_fit_rms_db``: :mod:`wsi_deepr.defocus_estimate`.
-- ``reblur_residual``, ``reblur_residual_ratio``: the output re-blurred against the input,
-  and that over the unchanged input's own residual (blurred cells only).
+low-resolution OME-Zarr images in a ``focus_qc`` group (:mod:`wsi_deepr.qc_store`; inside
+the run's output store, or a store of their own for ``qc``), a heat-map PNG
+(:mod:`wsi_deepr.heatmap`) and JSON figures.
 """
 
 from __future__ import annotations
@@ -35,24 +27,15 @@ from wsi_deepr.defocus_estimate import (
     region_summary,
 )
 from wsi_deepr.errors import OptionError, OutputError
-from wsi_deepr.focus import (
-    DEFAULT_BLUR_STOPS,
-    FocusMap,
-    SlideSpectra,
-    coarse_of,
-    focus_map,
-    full_scale_of,
-    scan_slide,
-    tiles_needing_model,
-)
+from wsi_deepr.focus import DEFAULT_BLUR_STOPS, FocusMap, coarse_of, focus_map, tiles_needing_model
 from wsi_deepr.physics import Optics, brightfield_optics
+from wsi_deepr.qc_store import write_maps
 from wsi_deepr.slide import Slide
+from wsi_deepr.spectra import SlideSpectra, full_scale_of, scan_slide
 from wsi_deepr.tiling import TilePlan
 
 LOG = logging.getLogger("wsi_deepr")
 
-GROUP = "focus_qc"
-"""Group of the map images inside an OME-Zarr store."""
 PNG_NAME = "focus_map.png"
 JSON_NAME = "focus_qc.json"
 DEFAULT_NA = {"brightfield": 0.75, "fluorescence": 0.95}
@@ -258,6 +241,8 @@ class RunQc:
             )
             result.residual, result.residual_ratio = _residual(self.slide, output, result, self.na)
         write_maps(group, result, plan=plan)
+        from wsi_deepr.heatmap import write_png
+
         png = write_png(self.slide, result, Path(store) / PNG_NAME)
         result.extra["output_qc_seconds"] = time.perf_counter() - started
         summary = result.summary()
@@ -291,128 +276,6 @@ def _residual(
 def _median(values: np.ndarray) -> float | None:
     finite = values[np.isfinite(values)]
     return float(np.median(finite)) if finite.size else None
-
-
-def write_maps(group: Any, result: QcResult, *, plan: TilePlan | None = None) -> None:
-    """Write the maps as single-level NGFF images in ``group/focus_qc``."""
-    ngff = "0.5" if group.metadata.zarr_format == 3 else "0.4"
-    qc_group = group.require_group(GROUP)
-    fine, coarse = result.focus_input.cell_px, 2 * result.focus_input.cell_px
-    blurred = result.blurred().astype(np.uint8)
-    if plan is not None and result.refocused_tiles is not None:
-        ran = _tiles_to_cells(plan, fine, blurred.shape)
-        blurred[(blurred == 1) & ran] = 2
-    images: list[tuple[str, np.ndarray, int]] = [
-        ("focus_input", result.focus_input.score, fine),
-        ("blurred", blurred, fine),
-    ]
-    if result.defocus is not None:
-        images.append(("defocus_um", result.defocus.defocus_um, coarse))
-        images.append(("defocus_fit_rms_db", result.defocus.fit_rms_db, coarse))
-    if result.focus_output is not None:
-        images.append(("focus_output", result.focus_output.score, fine))
-    if result.residual is not None and result.residual_ratio is not None:
-        images.append(("reblur_residual", result.residual, coarse))
-        images.append(("reblur_residual_ratio", result.residual_ratio, coarse))
-    for name, values, cell_px in images:
-        _write_image(qc_group, name, values, cell_px=cell_px, mpp=result.mpp, ngff=ngff)
-    qc_group.attrs["wsi_deepr_focus_qc"] = {
-        "images": [name for name, _, _ in images],
-        "blur_stops": result.blur_stops,
-        "focus_reference_log2": result.focus_input.reference_log2,
-    }
-
-
-def _tiles_to_cells(plan: TilePlan, cell_px: int, shape: tuple[int, ...]) -> np.ndarray:
-    ran = np.zeros(shape, dtype=bool)
-    tile_h, tile_w = plan.tile_hw
-    for i, j in zip(*np.nonzero(plan.tissue), strict=True):
-        y0, x0 = int(plan.origins_y[i]), int(plan.origins_x[j])
-        rows = slice(y0 // cell_px, -(-(y0 + tile_h) // cell_px))
-        ran[rows, x0 // cell_px : -(-(x0 + tile_w) // cell_px)] = True
-    return ran
-
-
-def _write_image(
-    group: Any, name: str, values: np.ndarray, *, cell_px: int, mpp: float, ngff: str
-) -> None:
-    image = group.require_group(name)
-    level = "s0" if ngff == "0.5" else "0"
-    options: dict[str, Any] = (
-        {"dimension_names": ("y", "x")}
-        if ngff == "0.5"
-        else {"chunk_key_encoding": {"name": "v2", "separator": "/"}}
-    )
-    fill = 0 if values.dtype.kind in "iu" else float("nan")
-    array = image.create_array(level, shape=values.shape, dtype=values.dtype, chunks=values.shape,
-                               fill_value=fill, overwrite=True, **options)  # fmt: skip
-    array[...] = values
-    size_um = cell_px * mpp
-    multiscale: dict[str, Any] = {
-        "name": name,
-        "axes": [{"name": "y", "type": "space", "unit": "micrometer"},
-                 {"name": "x", "type": "space", "unit": "micrometer"}],
-        "datasets": [{"path": level, "coordinateTransformations": [
-            {"type": "scale", "scale": [size_um, size_um]},
-            {"type": "translation", "translation": [mpp * (cell_px - 1) / 2] * 2},
-        ]}],
-    }  # fmt: skip
-    if ngff == "0.5":
-        image.attrs["ome"] = {"version": "0.5", "multiscales": [multiscale]}
-    else:
-        image.attrs["multiscales"] = [{"version": "0.4", **multiscale}]
-
-
-def thumbnail_rgb(slide: Slide) -> tuple[np.ndarray, float]:
-    """The slide's thumbnail as ``(h, w, 3)`` uint8 and level-0 pixels per thumbnail pixel."""
-    from wsi_deepr.tissue import _thumbnail
-
-    image = np.asarray(_thumbnail(slide))
-    if slide.thumbnail.dtype == np.uint8:
-        top = 255.0
-    else:  # 16-bit or float fluorescence rarely fills its range: stretch to what is there
-        top = float(np.percentile(image, 99.5)) or 1.0
-    rgb = image[:3] if image.shape[0] >= 3 else np.repeat(image[:1], 3, axis=0)
-    u8 = np.clip(rgb / top * 255.0, 0, 255).astype(np.uint8)
-    return np.moveaxis(u8, 0, -1), float(slide.thumbnail_downsample)
-
-
-def _defocus_shown(result: QcResult) -> np.ndarray:
-    """Defocus where it means something: cells whose four focus cells are all judged and
-    all blurred or all sharp (windows across a focus edge or the tissue edge mix two
-    states no single defocus explains), and the fit explains the spectrum."""
-    assert result.defocus is not None
-    z = result.defocus.defocus_um
-    judged = coarse_of(result.focus_input.judged.astype(np.float32))[: z.shape[0], : z.shape[1]]
-    blurred = coarse_of(result.blurred().astype(np.float32))[: z.shape[0], : z.shape[1]]
-    clean = (judged == 1.0) & ((blurred == 0.0) | (blurred == 1.0))
-    explained = result.defocus.fit_rms_db <= UNEXPLAINED_DB
-    return np.where(clean & explained, z, np.nan)
-
-
-def write_png(slide: Slide, result: QcResult, path: str | Path) -> Path:
-    """The heat-map PNG: input focus, output focus (after a run), estimated defocus."""
-    from wsi_deepr.heatmap import DEFOCUS_COLORS, Panel, render, save_png
-
-    thumb, per_px = thumbnail_rgb(slide)
-    blurred = result.blurred()
-    fine = result.focus_input.cell_px
-    limits = (-6.0, 1.0)
-    panels = [Panel("focus, input", result.focus_input.score, fine, limits, "stops",
-                    outline=blurred, outline_cell_px=fine)]  # fmt: skip
-    if result.focus_output is not None:
-        panels.append(Panel("focus, output", result.focus_output.score, fine, limits, "stops",
-                            outline=blurred, outline_cell_px=fine))  # fmt: skip
-    if result.defocus is not None:
-        panels.append(Panel("estimated defocus |z|", _defocus_shown(result), 2 * fine,
-                            (0.0, 8.0), "um", colors=DEFOCUS_COLORS, outline=blurred,
-                            outline_cell_px=fine))  # fmt: skip
-    s = result.summary()["focus"]
-    heading = (
-        f"{Path(result.slide_path).name}: {100 * s['blurred_fraction']:.1f}% of tissue blurred "
-        f"(score < -{result.blur_stops:g} stops, outlined); 0 stops = the slide's in-focus tissue"
-    )
-    return save_png(render(thumb, per_px, panels, heading=heading), path)
 
 
 def qc_slide(
@@ -475,6 +338,8 @@ def _write_qc_outputs(slide: Slide, result: QcResult, out: Path, *, overwrite: b
             shutil.rmtree(targets[2])
         group = zarr.open_group(str(targets[2]), mode="w", zarr_format=3)
         write_maps(group, result)
+        from wsi_deepr.heatmap import write_png
+
         write_png(slide, result, targets[1])
         summary = result.summary()
         summary["png"] = PNG_NAME
