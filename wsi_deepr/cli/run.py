@@ -35,7 +35,7 @@ LOG = logging.getLogger("wsi_deepr")
 @click.option("--mpp", type=float, default=None,
               help="Pixel size in micrometres per pixel, overriding the file's.")  # fmt: skip
 @click.option("--strict", is_flag=True,
-              help="Refuse a slide whose pixel size lies outside the model's range.")  # fmt: skip
+              help="Refuse a slide outside the model card's pixel sizes or modality.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tiles per model call [default: 1 on the CPU, 8 on a GPU].")  # fmt: skip
 @click.option("--chunk-px", type=click.IntRange(min=1), default=None,
