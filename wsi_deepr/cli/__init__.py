@@ -31,6 +31,7 @@ class _Group(click.Group):
         "export": ("export", "export"),
         "evaluate": ("evaluate", "evaluate"),
         "pairs": ("pairs", "pairs"),
+        "qc": ("qc", "qc"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
