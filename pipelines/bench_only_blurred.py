@@ -1,7 +1,7 @@
 """Benchmark ``wsi-deepr run --only-blurred`` against a full run on a partly blurred slide.
 
 The slide is real tissue: CMU-1-Small-Region (Aperio H&E, 0.499 um/px) mirrored into a
-2 x 2 mosaic, with a disc holding about ``--fraction`` of the tissue put ``--z`` um out of
+N x N mosaic (``--mosaic``, 2 by default), with a disc holding about ``--fraction`` of the tissue put ``--z`` um out of
 focus by :func:`wsi_deepr.physics.defocus_image` (pixels outside it keep the scanned
 values). It is written as a tiled, uncompressed pyramidal TIFF with its pixel size. Both runs go
 through the command line in child processes (same model, device and options); the
@@ -33,7 +33,7 @@ CMU1 = ROOT.parent / "shared" / "data" / "wsi" / "CMU-1-Small-Region.svs"
 NA = 0.75
 
 
-def build(folder: Path, *, z_um: float, fraction: float) -> dict:
+def build(folder: Path, *, z_um: float, fraction: float, mosaic: int = 2) -> dict:
     """Write the slide; return paths, the disc and the ground truth."""
     import tifffile
 
@@ -43,8 +43,11 @@ def build(folder: Path, *, z_um: float, fraction: float) -> dict:
 
     source = open_slide(CMU1)
     scan = np.asarray(source.data.compute())
-    top = np.concatenate([scan, scan[:, :, ::-1]], axis=2)
-    truth = np.ascontiguousarray(np.concatenate([top, top[:, ::-1]], axis=1))
+    # an n x n mosaic of the scan, mirrored at every seam so no edge shows
+    row = np.concatenate([scan if k % 2 == 0 else scan[:, :, ::-1] for k in range(mosaic)], 2)
+    truth = np.ascontiguousarray(
+        np.concatenate([row if k % 2 == 0 else row[:, ::-1] for k in range(mosaic)], axis=1)
+    )
     mpp = source.mpp
     truth_path = folder / "truth.tif"
     _write_tiff(truth_path, truth, mpp, tifffile)
@@ -114,6 +117,8 @@ def main() -> None:
     parser.add_argument("--z", type=float, default=4.0, help="defocus of the disc (um)")
     parser.add_argument("--fraction", type=float, default=0.2, help="share of the tissue")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--mosaic", type=int, default=2,
+                        help="the slide is an N x N mosaic of CMU-1-Small-Region")  # fmt: skip
     parser.add_argument("--keep", type=Path, default=None, help="keep the files here")
     args = parser.parse_args()
     if not CMU1.is_file():
@@ -126,7 +131,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.keep or Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
-        made = build(folder, z_um=args.z, fraction=args.fraction)
+        made = build(folder, z_um=args.z, fraction=args.fraction, mosaic=args.mosaic)
         h, w = made["input"].shape[1:]
         print(f"slide {w} x {h} px (real CMU-1 tissue, 0.499 um/px), disc of "
               f"{made['radius_px']:.0f} px radius at z = {args.z} um holding "
