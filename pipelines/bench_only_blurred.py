@@ -1,11 +1,12 @@
 """Benchmark ``wsi-deepr run --only-blurred`` against a full run on a partly blurred slide.
 
-The slide is real tissue: CMU-1-Small-Region (Aperio H&E, 0.499 um/px) mirrored into a
-N x N mosaic (``--mosaic``, 2 by default), with a disc holding about ``--fraction`` of the tissue put ``--z`` um out of
-focus by :func:`wsi_deepr.physics.defocus_image` (pixels outside it keep the scanned
-values). It is written as a tiled, uncompressed pyramidal TIFF with its pixel size. Both runs go
-through the command line in child processes (same model, device and options); the
-wall time of each is measured around the process and read from its ``report.json``.
+The slide is real tissue: CMU-1-Small-Region (Aperio H&E, 0.499 um/px) mirrored into an
+N x N mosaic (``--mosaic``, 2 by default), with a disc holding about ``--fraction`` of
+the tissue put ``--z`` um out of focus by :func:`wsi_deepr.physics.defocus_image`
+(pixels outside it keep the scanned values). It is written as a tiled, uncompressed
+pyramidal TIFF with its pixel size. Both runs go through the command line in child
+processes (same model, device and options); the wall time of each is measured around the
+process and read from its ``report.json``.
 
 Prints: tiles run, seconds (wall, model), the speed-up, SSIM to the ground truth over the
 disc's bounding box for the input and both outputs, and whether the pixels outside every
