@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -78,7 +79,16 @@ if os.environ.pop("HOSTILE_NO_DAC_OVERRIDE", ""):
         if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
             sys.stderr.write(f"HOSTILE: cannot drop capability {cap}\\n")
             sys.exit(99)
-os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
+# Run the program as a child and report its own peak memory: the rusage of this process
+# (a fork of the test process) would carry the test process's memory at the fork.
+pid = os.posix_spawn(sys.executable, [sys.executable, *sys.argv[1:]], os.environ)
+_, status, usage = os.wait4(pid, 0)
+with open(os.environ["HOSTILE_RSS_FILE"], "w") as report:
+    report.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+if code < 0:
+    os.kill(os.getpid(), -code)
+sys.exit(code)
 """
 CANNOT_DROP = 99
 
@@ -135,6 +145,9 @@ def run_cli(
         env["HOSTILE_NO_DAC_OVERRIDE"] = "1"
     import subprocess
 
+    rss_file = tempfile.NamedTemporaryFile(delete=False)
+    rss_file.close()
+    env["HOSTILE_RSS_FILE"] = rss_file.name
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         process = subprocess.Popen(
             [sys.executable, "-c", LAUNCHER, *python_args, *args],
@@ -142,14 +155,15 @@ def run_cli(
             env=env,
             stdout=out,
             stderr=err,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
-        while True:  # os.wait4 rather than Popen.wait: it gives this child's rusage
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        while True:
+            pid, status, _ = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             if time.monotonic() > deadline:
-                process.kill()
+                os.killpg(process.pid, signal.SIGKILL)  # the launcher and the program
                 os.wait4(process.pid, 0)
                 raise TimeoutError(f"wsi-deepr {' '.join(args)} ran over {timeout_s} s")
             time.sleep(0.02)
@@ -159,7 +173,9 @@ def run_cli(
         stdout, stderr = out.read().decode(), err.read().decode()
     if process.returncode == CANNOT_DROP and "HOSTILE: cannot drop" in stderr:
         pytest.skip("this root process may not drop CAP_DAC_OVERRIDE (no CAP_SETPCAP)")
-    return Done(process.returncode, stdout, stderr, usage.ru_maxrss / 1024)
+    child_kb = Path(rss_file.name).read_text()
+    Path(rss_file.name).unlink()
+    return Done(process.returncode, stdout, stderr, int(child_kb or 0) / 1024)
 
 
 # --- the state of the disk --------------------------------------------------------------
