@@ -98,6 +98,10 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 def test_existing_output_is_refused_unchanged_and_replaced_with_overwrite(tmp_path):
     out = tmp_path / "out.zarr"
     write(np.zeros((1, 64, 64), dtype=np.uint8), out)
+    with pytest.raises(OutputError, match="interrupted run") as refused:
+        write(np.ones((1, 64, 64), dtype=np.uint8), out)
+    assert "--resume" in refused.value.one_line() and "--overwrite" in refused.value.one_line()
+    mark_complete(out, {"seconds": 1.0}, {"parameters": {}})
     before = tree_bytes(out)
     with pytest.raises(OutputError, match="already exists"):
         write(np.ones((1, 64, 64), dtype=np.uint8), out)

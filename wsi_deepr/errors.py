@@ -8,6 +8,7 @@ without a traceback.
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 
 
@@ -63,6 +64,14 @@ class ModelError(WsiDeeprError):
 
 class OutputError(WsiDeeprError):
     """An output cannot be written where asked (exists, not writable, disk full)."""
+
+    @classmethod
+    def write_failed(cls, out: str | Path, exc: OSError) -> OutputError:
+        """The error for a failed write into the store ``out`` (disk full named as such)."""
+        reason = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return cls(out, f"write failed, disk full ({reason}); the store is incomplete")
+        return cls(out, f"write failed ({reason}); the store is incomplete")
 
 
 class OptionError(WsiDeeprError):

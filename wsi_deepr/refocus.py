@@ -11,7 +11,10 @@ back from slide-level normalisation and casts to the slide's dtype. Because the 
 weights are an exact partition of unity, no seam shows at tile or chunk borders.
 
 With chunks a multiple of the tile stride (:func:`default_chunk_px`) a spill is only
-``overlap_px`` wide, so what waits in memory between chunks is a thin strip.
+``overlap_px`` wide, so what waits in memory between chunks is a thin strip. Each chunk's
+task reads its own region (tasks share no input chunks), so memory does not grow with
+the slide. For resuming, a chunk task can save its spills to the store's
+:class:`~wsi_deepr.chunk_progress.ChunkProgress`, and finished chunks are skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+from dask.delayed import Delayed
 
+from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError
 from wsi_deepr.tiling import TileGrid, TilePlan
 
@@ -120,74 +125,204 @@ def refocus_array(
     dask.array.Array of shape (C, Y, X)
         Same dtype as ``data``, chunks ``(C, chunk_px, chunk_px)`` (smaller at the end).
     """
-    height, width = plan.shape_yx
-    if tuple(data.shape[1:]) != (height, width):
-        raise ValueError(f"plan is for {plan.shape_yx}, data is {data.shape}")
-    chunk_px = chunk_px or default_chunk_px(plan.grid)
-    if chunk_px < plan.grid.tile_px:
-        raise OptionError("chunk_px", f"{chunk_px} must be at least the tile ({plan.grid.tile_px})")
-    if batch_size < 1:
-        raise OptionError("--batch-size", f"must be >= 1, got {batch_size}")
-    n_channels = int(data.shape[0])
-    dtype = np.dtype(data.dtype)
-    mean32 = np.asarray(mean, dtype=np.float32).reshape(n_channels, 1, 1)
-    std32 = np.asarray(std, dtype=np.float32).reshape(n_channels, 1, 1)
-    if not (np.all(np.isfinite(std32)) and np.all(std32 > 0) and np.all(np.isfinite(mean32))):
-        raise ValueError(f"slide statistics must be finite with std > 0: {mean}, {std}")
-    tile_h, tile_w = plan.tile_hw
-    rows = _axis_ownership(plan.origins_y, tile_h, height, chunk_px)
-    cols = _axis_ownership(plan.origins_x, tile_w, width, chunk_px)
+    graph = ChunkGraph(data, plan, model, mean=mean, std=std, chunk_px=chunk_px,
+                       batch_size=batch_size)  # fmt: skip
+    blocks = graph.blocks()
+    meta = np.empty((0, 0, 0), dtype=graph.dtype)
+    block_rows = [
+        [
+            da.from_delayed(blocks[a, b][0], graph.chunk_shape(a, b), dtype=graph.dtype, meta=meta)
+            for b in range(len(graph.cols))
+        ]
+        for a in range(len(graph.rows))
+    ]
+    return da.block([block_rows])
 
-    # Spills arriving from the chunk above / to the left: the top rows and left columns of
-    # a chunk stay float until they are added; the rest is converted in the first task,
-    # so a chunk waiting for its neighbours holds its final dtype, not float32.
-    spill_in_y = [0] + [r[3] - r[2] for r in rows[:-1]]
-    spill_in_x = [0] + [c[3] - c[2] for c in cols[:-1]]
-    partial = dask.delayed(_partial_chunk, nout=6, pure=True)
-    pieces: dict[tuple[int, int], Any] = {}
-    for a, (own_r, y0, y1, ry1) in enumerate(rows):
-        for b, (own_c, x0, x1, rx1) in enumerate(cols):
-            has_tiles = own_r.size > 0 and own_c.size > 0
-            region = data[:, y0:ry1, x0:rx1] if has_tiles else None
-            pieces[a, b] = partial(
-                region,
-                _ChunkGeometry(
-                    region_shape=(n_channels, ry1 - y0, rx1 - x0),
-                    chunk_hw=(y1 - y0, x1 - x0),
-                    margin_yx=(spill_in_y[a], spill_in_x[b]),
-                ),
-                plan.origins_y[own_r] - y0,
-                plan.origins_x[own_c] - x0,
-                plan.weights_y[own_r],
-                plan.weights_x[own_c],
-                plan.tissue[np.ix_(own_r, own_c)],
-                model,
-                _Scaling(mean32, std32, dtype, batch_size),
+
+class ChunkGraph:
+    """The refocusing tasks of one slide level, chunk by chunk.
+
+    Parameters
+    ----------
+    data : dask.array.Array of shape (C, Y, X)
+        The slide level, any chunking. Each chunk's task reads its own region from it
+        (no input chunk is shared between tasks, so none waits in memory for a
+        neighbour).
+    plan : TilePlan
+        Tiles, weights and tissue flags for ``data``'s ``(Y, X)``.
+    model : callable
+        Picklable batch model, e.g. :class:`wsi_deepr.inference.Predictor`.
+    mean, std : ndarray of shape (C,)
+        Slide-level statistics; the model sees ``(x - mean) / std``.
+    chunk_px : int, optional
+        Edge of the output chunks; :func:`default_chunk_px` by default. Must be at least
+        ``tile_px`` (so spills reach only the next chunk).
+    batch_size : int
+        Tiles per model call.
+    """
+
+    def __init__(
+        self,
+        data: da.Array,
+        plan: TilePlan,
+        model: BatchModel,
+        *,
+        mean: np.ndarray,
+        std: np.ndarray,
+        chunk_px: int | None = None,
+        batch_size: int = 4,
+    ) -> None:
+        height, width = plan.shape_yx
+        if tuple(data.shape[1:]) != (height, width):
+            raise ValueError(f"plan is for {plan.shape_yx}, data is {data.shape}")
+        chunk_px = chunk_px or default_chunk_px(plan.grid)
+        if chunk_px < plan.grid.tile_px:
+            raise OptionError(
+                "--chunk-px", f"{chunk_px} must be at least the tile ({plan.grid.tile_px})"
             )
+        if batch_size < 1:
+            raise OptionError("--batch-size", f"must be >= 1, got {batch_size}")
+        self.data = data
+        self.plan = plan
+        self.model = model
+        self.chunk_px = int(chunk_px)
+        n_channels = int(data.shape[0])
+        self.dtype = np.dtype(data.dtype)
+        mean32 = np.asarray(mean, dtype=np.float32).reshape(n_channels, 1, 1)
+        std32 = np.asarray(std, dtype=np.float32).reshape(n_channels, 1, 1)
+        if not (np.all(np.isfinite(std32)) and np.all(std32 > 0) and np.all(np.isfinite(mean32))):
+            raise ValueError(f"slide statistics must be finite with std > 0: {mean}, {std}")
+        self.scaling = _Scaling(mean32, std32, self.dtype, batch_size)
+        tile_h, tile_w = plan.tile_hw
+        self.rows = _axis_ownership(plan.origins_y, tile_h, height, self.chunk_px)
+        self.cols = _axis_ownership(plan.origins_x, tile_w, width, self.chunk_px)
 
-    assemble = dask.delayed(_assemble, pure=True)
-    meta = np.empty((0, 0, 0), dtype=dtype)
-    block_rows = []
-    for a, (_, y0, y1, _) in enumerate(rows):
-        block_row = []
-        for b, (_, x0, x1, _) in enumerate(cols):
-            core, top, left = pieces[a, b][0], pieces[a, b][1], pieces[a, b][2]
+    @property
+    def n_chunks(self) -> int:
+        """Number of output chunks."""
+        return len(self.rows) * len(self.cols)
+
+    def chunk_shape(self, a: int, b: int) -> tuple[int, int, int]:
+        """Shape ``(c, h, w)`` of chunk ``(a, b)``."""
+        _, y0, y1, _ = self.rows[a]
+        _, x0, x1, _ = self.cols[b]
+        return (int(self.data.shape[0]), y1 - y0, x1 - x0)
+
+    def chunk_origin(self, a: int, b: int) -> tuple[int, int]:
+        """Level-0 ``(y, x)`` of chunk ``(a, b)``'s first pixel."""
+        return self.rows[a][1], self.cols[b][1]
+
+    def blocks(
+        self,
+        *,
+        done: frozenset[tuple[int, int]] = frozenset(),
+        progress: ChunkProgress | None = None,
+    ) -> dict[tuple[int, int], tuple[Delayed, Delayed]]:
+        """Lazy finished chunks: ``(a, b) -> (block, tiles run)``, for chunks not ``done``.
+
+        Parameters
+        ----------
+        done : frozenset of (int, int)
+            Chunks already finished (written by an earlier run); they get no task, except
+            that their spills are loaded from ``progress`` when a neighbour needs them.
+        progress : ChunkProgress, optional
+            Where every chunk task saves its spills (so a later run can resume) and
+            where finished chunks' spills are loaded from.
+
+        Returns
+        -------
+        dict
+            ``block`` is the chunk in the slide's dtype; ``tiles run`` the number of tiles
+            that went through the model in its task.
+        """
+        if done and progress is None:
+            raise ValueError("finished chunks need a spill store for their neighbours")
+        n_rows, n_cols = len(self.rows), len(self.cols)
+        todo = [(a, b) for a in range(n_rows) for b in range(n_cols) if (a, b) not in done]
+        needed = set(todo)
+        for a, b in todo:  # neighbours whose spills reach a chunk still to do
+            needed.update(
+                (a - da_, b - db) for da_, db in ((1, 0), (0, 1), (1, 1)) if a >= da_ and b >= db
+            )
+        partial = dask.delayed(_partial_chunk, nout=7, pure=True)
+        load = dask.delayed(_load_spills, nout=3, pure=True)
+        pieces: dict[tuple[int, int], Any] = {}
+        for a, b in sorted(needed):
+            if (a, b) in done:
+                assert progress is not None
+                right, bottom, corner = load(progress, a, b)
+                pieces[a, b] = (None, None, None, right, bottom, corner, 0)
+            else:
+                pieces[a, b] = partial(self._region(a, b), *self._chunk_args(a, b), progress)
+
+        assemble = dask.delayed(_assemble, pure=True)
+        blocks: dict[tuple[int, int], tuple[Delayed, Delayed]] = {}
+        for a, b in todo:
+            piece = pieces[a, b]
             block = assemble(
-                core,
-                top,
-                left,
+                piece[0],
+                piece[1],
+                piece[2],
                 pieces[a - 1, b][4] if a > 0 else None,
                 pieces[a, b - 1][3] if b > 0 else None,
                 pieces[a - 1, b - 1][5] if a > 0 and b > 0 else None,
-                _Scaling(mean32, std32, dtype, batch_size),
+                self.scaling,
                 # Unused here, but taking them releases the chunk's task result (which
                 # holds the core) now rather than when the next row needs its spills.
-                (pieces[a, b][3], pieces[a, b][4], pieces[a, b][5]),
+                (piece[3], piece[4], piece[5]),
             )
-            shape = (n_channels, y1 - y0, x1 - x0)
-            block_row.append(da.from_delayed(block, shape, dtype=dtype, meta=meta))
-        block_rows.append(block_row)
-    return da.block([block_rows])
+            blocks[a, b] = (block, piece[6])
+        return blocks
+
+    def _region(self, a: int, b: int) -> _RegionRead | None:
+        own_r, y0, _, ry1 = self.rows[a]
+        own_c, x0, _, rx1 = self.cols[b]
+        if not (own_r.size and own_c.size):
+            return None
+        (region,) = dask.optimize(self.data[:, y0:ry1, x0:rx1])
+        return _RegionRead(region)
+
+    def _chunk_args(self, a: int, b: int) -> tuple[Any, ...]:
+        own_r, y0, y1, ry1 = self.rows[a]
+        own_c, x0, x1, rx1 = self.cols[b]
+        plan = self.plan
+        # Spills arriving from the chunk above / to the left: the top rows and left
+        # columns of a chunk stay float until they are added; the rest is converted in
+        # the chunk's task, so a chunk waiting for its neighbours holds its final dtype.
+        margin_y = self.rows[a - 1][3] - self.rows[a - 1][2] if a > 0 else 0
+        margin_x = self.cols[b - 1][3] - self.cols[b - 1][2] if b > 0 else 0
+        geometry = _ChunkGeometry(
+            region_shape=(int(self.data.shape[0]), ry1 - y0, rx1 - x0),
+            chunk_hw=(y1 - y0, x1 - x0),
+            margin_yx=(margin_y, margin_x),
+            index=(a, b),
+        )
+        return (
+            geometry,
+            plan.origins_y[own_r] - y0,
+            plan.origins_x[own_c] - x0,
+            plan.weights_y[own_r],
+            plan.weights_x[own_c],
+            plan.tissue[np.ix_(own_r, own_c)],
+            self.model,
+            self.scaling,
+        )
+
+
+class _RegionRead:
+    """A slide region read when its chunk's task runs.
+
+    Dask does not look inside this holder, so the region's input chunks are not shared
+    graph keys: no input chunk waits in memory for the neighbour that also needs it.
+    """
+
+    __slots__ = ("array",)
+
+    def __init__(self, array: da.Array) -> None:
+        self.array = array
+
+    def read(self) -> np.ndarray:
+        return np.asarray(self.array.compute(scheduler="sync"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +335,8 @@ class _ChunkGeometry:
     """Height and width of the chunk itself."""
     margin_yx: tuple[int, int]
     """Rows at the top and columns at the left that neighbours' spills reach."""
+    index: tuple[int, int]
+    """Chunk row and column."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +354,7 @@ class _Scaling:
 
 
 def _partial_chunk(
-    region: np.ndarray | None,
+    region_read: _RegionRead | None,
     geometry: _ChunkGeometry,
     origins_y: np.ndarray,
     origins_x: np.ndarray,
@@ -226,17 +363,21 @@ def _partial_chunk(
     tissue: np.ndarray,
     model: BatchModel,
     scaling: _Scaling,
-) -> tuple[np.ndarray, ...]:
+    progress: ChunkProgress | None = None,
+) -> tuple[Any, ...]:
     """Run one chunk's tiles and blend them over its region.
 
-    Returns ``(core, top, left, right, bottom, corner)``: the chunk in the output dtype
-    (final except its top and left margins), the float sums of those margins (``top``
-    spans the full width, ``left`` the rows below ``top``), and the float spills to the
-    right, below and lower right.
+    Returns ``(core, top, left, right, bottom, corner, tiles_run)``: the chunk in the
+    output dtype (final except its top and left margins), the float sums of those margins
+    (``top`` spans the full width, ``left`` the rows below ``top``), the float spills to
+    the right, below and lower right (also saved to ``progress`` when given), and how
+    many tiles went through the model.
     """
     acc = np.zeros(geometry.region_shape, dtype=np.float32)
     mean, std = scaling.mean, scaling.std
-    if region is not None and origins_y.size and origins_x.size:
+    tiles_run = 0
+    if region_read is not None and origins_y.size and origins_x.size:
+        region = region_read.read()
         tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
         pending: list[tuple[int, int]] = []
 
@@ -254,6 +395,8 @@ def _partial_chunk(
             acc[:, y : y + tile_h, x : x + tile_w] += weight * output
 
         def flush() -> None:
+            nonlocal tiles_run
+            tiles_run += len(pending)
             outputs = model(np.stack([normalised(i, j) for i, j in pending]))
             for (i, j), output in zip(pending, outputs, strict=True):
                 add(i, j, output)
@@ -273,14 +416,27 @@ def _partial_chunk(
     top_px, left_px = geometry.margin_yx
     core = np.zeros((acc.shape[0], chunk_h, chunk_w), dtype=scaling.dtype)
     _finish_into(core[:, top_px:, left_px:], acc[:, top_px:chunk_h, left_px:chunk_w], scaling)
-    return (
-        core,
-        acc[:, :top_px, :chunk_w].copy(),
-        acc[:, top_px:chunk_h, :left_px].copy(),
+    spills = (
         acc[:, :chunk_h, chunk_w:].copy(),
         acc[:, chunk_h:, :chunk_w].copy(),
         acc[:, chunk_h:, chunk_w:].copy(),
     )
+    if progress is not None:
+        progress.save_spills(geometry.index, spills)
+    return (
+        core,
+        acc[:, :top_px, :chunk_w].copy(),
+        acc[:, top_px:chunk_h, :left_px].copy(),
+        *spills,
+        tiles_run,
+    )
+
+
+def _load_spills(
+    progress: ChunkProgress, a: int, b: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Spills of a chunk finished by an earlier run."""
+    return progress.load_spills((a, b))
 
 
 def _finish_into(out: np.ndarray, normalised: np.ndarray, scaling: _Scaling) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,26 @@ class Report:
         values["s_per_mm2_tissue"] = _finite(self.s_per_mm2_tissue)
         values["tiles_per_s"] = _finite(self.tiles_per_s)
         return values
+
+    @classmethod
+    def read(cls, path: str | Path) -> Report:
+        """Load a report written by :meth:`write` (derived figures are recomputed).
+
+        Raises
+        ------
+        OutputError
+            The file is missing or is not a report.
+        """
+        from wsi_deepr.errors import OutputError
+
+        names = {f.name for f in fields(cls)}
+        try:
+            values = json.loads(Path(path).read_text())
+            kept = {k: v for k, v in values.items() if k in names}
+            kept["shape_cyx"] = tuple(kept["shape_cyx"])
+            return cls(**kept)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise OutputError(path, f"is not a readable run report: {exc}") from exc
 
     def write(self, path: str | Path) -> Path:
         """Write the report as JSON and return the path."""

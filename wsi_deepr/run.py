@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import sys
 import time
@@ -11,17 +12,30 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 
 import wsi_deepr
+from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError
 from wsi_deepr.inference import CPU, Predictor, plan_threads, select_provider
 from wsi_deepr.model_registry import resolve_model
-from wsi_deepr.refocus import default_chunk_px, refocus_array
+from wsi_deepr.refocus import ChunkGraph, default_chunk_px
 from wsi_deepr.report import Report
 from wsi_deepr.slide import Slide
 from wsi_deepr.tiling import TileGrid, plan_tiles
-from wsi_deepr.writer import REPORT_NAME, mark_complete, prepare_output, write_pyramid
+from wsi_deepr.writer import (
+    REPORT_NAME,
+    check_resumable,
+    create_pyramid,
+    finish_pyramid,
+    is_complete,
+    mark_complete,
+    prepare_output,
+    pyramid_layout,
+    stored_record,
+    write_chunk_task,
+)
 
 LOG = logging.getLogger("wsi_deepr")
 
@@ -44,6 +58,7 @@ def refocus_slide(
     chunk_px: int | None = None,
     workers: int | None = None,
     progress: bool = False,
+    resume: bool = False,
 ) -> Report:
     """Refocus a slide with a Deep-R generator and write an OME-Zarr pyramid.
 
@@ -82,6 +97,11 @@ def refocus_slide(
         Local Dask threads; ONNX Runtime gets ``cores // workers`` threads each.
     progress : bool
         Show a progress bar on stderr.
+    resume : bool
+        Continue an interrupted run in ``output`` (same model, tiles and slide): chunks
+        it stored are kept, only the rest is computed, and the result equals an
+        uninterrupted run's bit for bit. A finished ``output`` is left as it is and its
+        report returned; a missing one is started afresh.
 
     Returns
     -------
@@ -103,7 +123,19 @@ def refocus_slide(
     grid = TileGrid(int(tile_px), int(overlap_px))
     if ngff not in ("0.4", "0.5"):
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
-    out = prepare_output(output, overwrite=overwrite)
+    if resume and overwrite:
+        raise OptionError("--resume", "contradicts --overwrite; pass one of them")
+    out = prepare_output(output, overwrite=overwrite, resume=resume)
+    if resume and is_complete(out):
+        LOG.info("%s: already complete; nothing to resume", out)
+        return Report.read(out / REPORT_NAME)
+    earlier = stored_record(out) if resume and out.exists() else None
+    if earlier is not None:
+        # The interrupted run's chunking and batching, unless asked otherwise (a
+        # different choice is refused below, as any other change of settings).
+        stored = earlier.get("parameters", {})
+        chunk_px = chunk_px or stored.get("chunk_px")
+        batch_size = batch_size or stored.get("batch_size")
     if isinstance(input, Slide):
         slide = input
     else:
@@ -141,7 +173,7 @@ def refocus_slide(
         )
         if batch_size is None:
             batch_size = 1 if provider == CPU else 8
-        lazy = refocus_array(
+        graph = ChunkGraph(
             slide.data, plan, predictor, mean=mean, std=std, chunk_px=chunk, batch_size=batch_size
         )
         parameters = {
@@ -160,6 +192,7 @@ def refocus_slide(
             "mpp": mpp,
             "strict": strict,
         }
+        normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
         provenance: dict[str, Any] = {
             "package_version": wsi_deepr.__version__,
             "model": {"name": card.name, "sha256": resolved.sha256, "path": str(resolved.path)},
@@ -170,21 +203,48 @@ def refocus_slide(
                 "shape_cyx": list(slide.data.shape),
                 "dtype": str(slide.dtype),
                 "format": slide.format_name,
-                "normalization": {"mean": [float(v) for v in mean], "std": [float(v) for v in std]},
+                "normalization": normalization,
+            },
+            "resume_key": {
+                "model_sha256": resolved.sha256,
+                "tile_px": grid.tile_px,
+                "overlap_px": grid.overlap_px,
+                "chunk_px": chunk,
+                "batch_size": batch_size,
+                "ngff": ngff,
+                "shape_cyx": list(slide.data.shape),
+                "dtype": str(slide.dtype),
+                "mpp": slide.mpp,
+                "normalization": normalization,
+                "tiles_run_sha256": hashlib.sha256(np.packbits(plan.tissue).tobytes()).hexdigest(),
             },
         }
-        pyramid = write_pyramid(
-            lazy,
-            out,
-            mpp=slide.mpp,
-            channel_names=slide.channel_names,
-            channel_colors=slide.channel_colors,
-            provenance=provenance,
-            ngff=ngff,
-            overwrite=overwrite,
-            compute=_with_progress(compute, progress),
-            name=Path(str(slide.path)).name,
-        )
+        layout = pyramid_layout(out, slide.data.shape, slide.dtype, (chunk, chunk), ngff=ngff)
+        if earlier is not None:
+            done = check_resumable(layout, provenance["resume_key"])
+            before = earlier.get("parameters", {}).get("provider")
+            if before != provider:
+                LOG.warning("%s: resumed with %s; chunks written before used %s",
+                            out, provider, before)  # fmt: skip
+            LOG.info("%s: resuming, %d of %d chunks already stored", out, len(done),
+                     graph.n_chunks)  # fmt: skip
+        else:
+            create_pyramid(layout, provenance)
+            done = frozenset()
+        blocks = graph.blocks(done=done, progress=ChunkProgress(out))
+        write = dask.delayed(write_chunk_task, pure=True)
+        tasks = [
+            write(block, tiles_run, layout, graph.chunk_origin(a, b), (a, b))
+            for (a, b), (block, tiles_run) in blocks.items()
+        ]
+        level0_started = time.perf_counter()
+        tiles_run_now = int(sum(_with_progress(compute, progress)(tasks)))
+        level0_s = time.perf_counter() - level0_started
+        pyramid_s = finish_pyramid(
+            layout, mpp=slide.mpp, channel_names=slide.channel_names,
+            channel_colors=slide.channel_colors, name=Path(str(slide.path)).name,
+            compute=compute,
+        )  # fmt: skip
 
     seconds = time.perf_counter() - started
     report = Report(
@@ -197,8 +257,8 @@ def refocus_slide(
         tiles_run=plan.n_run,
         tiles_skipped=plan.n_skipped,
         seconds=seconds,
-        model_seconds=pyramid.level0_s,
-        pyramid_seconds=pyramid.pyramid_s,
+        model_seconds=level0_s,
+        pyramid_seconds=pyramid_s,
         device=device,
         provider=provider,
         model_name=card.name,
@@ -208,13 +268,15 @@ def refocus_slide(
         workers=n_workers,
         ort_threads=ort_threads,
         scheduler=scheduler_name,
-        extra={"levels": [list(s) for s in pyramid.level_shapes], "chunk_px": chunk,
-               "batch_size": batch_size, "report": REPORT_NAME},
+        extra={"levels": [list(s) for s in layout.level_shapes], "chunk_px": chunk,
+               "batch_size": batch_size, "report": REPORT_NAME,
+               "chunks_total": graph.n_chunks, "chunks_reused": len(done),
+               "chunks_computed": len(blocks), "tiles_run_now": tiles_run_now},
     )  # fmt: skip
     provenance["timings"] = {
         "prepare_s": prepared_s,
-        "level0_s": pyramid.level0_s,
-        "pyramid_s": pyramid.pyramid_s,
+        "level0_s": level0_s,
+        "pyramid_s": pyramid_s,
         "total_s": seconds,
     }
     mark_complete(out, report.to_dict(), provenance)
@@ -254,13 +316,12 @@ def _scheduler(
     scheduler: str | Any | None, workers: int | None
 ) -> Iterator[tuple[Compute, str, int, int]]:
     """How to run the graph: ``(compute, name, worker threads, ORT threads per session)``."""
-    import dask
 
     if scheduler is None:
         n_workers, ort_threads = plan_threads(workers=workers)
 
-        def compute_local(graph: Any) -> None:
-            dask.compute(graph, scheduler="threads", num_workers=n_workers)
+        def compute_local(graph: Any) -> Any:
+            return dask.compute(graph, scheduler="threads", num_workers=n_workers)[0]
 
         yield compute_local, "threads", n_workers, ort_threads
         return
@@ -282,8 +343,8 @@ def _scheduler(
         # workers x threads within the cores the cluster was given.
         ort_threads = 1
 
-        def compute_cluster(graph: Any) -> None:
-            client.compute(graph, sync=True)
+        def compute_cluster(graph: Any) -> Any:
+            return client.compute(graph, sync=True)
 
         yield compute_cluster, str(client.scheduler.address), n_threads, ort_threads
     finally:
@@ -295,10 +356,10 @@ def _with_progress(compute: Compute, progress: bool) -> Compute:
     if not progress:
         return compute
 
-    def run(graph: Any) -> None:
+    def run(graph: Any) -> Any:
         from dask.diagnostics import ProgressBar
 
         with ProgressBar(out=sys.stderr, minimum=1.0):
-            compute(graph)
+            return compute(graph)
 
     return run

@@ -13,7 +13,6 @@ written last. A store without that flag is an interrupted run.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError, OutputError
 from wsi_deepr.refocus import to_dtype
 
@@ -58,7 +58,7 @@ class Pyramid:
     """Seconds for the further downsampled levels."""
 
 
-def prepare_output(path: str | Path, *, overwrite: bool = False) -> Path:
+def prepare_output(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Check that an output store can be created; remove an old one if asked.
 
     Nothing is changed unless ``overwrite`` and ``path`` holds a zarr store.
@@ -69,6 +69,9 @@ def prepare_output(path: str | Path, *, overwrite: bool = False) -> Path:
         The output store (a folder).
     overwrite : bool
         Replace an existing zarr store.
+    resume : bool
+        An existing zarr store is accepted as it is (the caller checks that it is an
+        interrupted run of the same job, with :func:`check_resumable`).
 
     Returns
     -------
@@ -78,15 +81,21 @@ def prepare_output(path: str | Path, *, overwrite: bool = False) -> Path:
     Raises
     ------
     OutputError
-        It exists (without ``overwrite``), is a file, is a folder that is not a zarr
-        store, or its parent cannot be written.
+        It exists (without ``overwrite`` or ``resume``), is a file, is a folder that is
+        not a zarr store, or its parent cannot be written.
     """
     out = Path(path).expanduser().absolute()
     if out.is_file() or (out.exists() and not out.is_dir()):
         raise OutputError(out, "exists and is not a folder")
     if out.exists():
         is_store = (out / "zarr.json").is_file() or (out / ".zgroup").is_file()
+        if is_store and resume:
+            return out
         if not overwrite:
+            if is_store and stored_record(out) is not None and not is_complete(out):
+                raise OutputError(out, "holds an interrupted run",
+                                  hint="pass --resume to continue it or --overwrite to start "
+                                  "again")  # fmt: skip
             raise OutputError(out, "already exists", hint="pass --overwrite to replace it")
         if not is_store and any(out.iterdir()):
             raise OutputError(out, "is a non-empty folder that is not a zarr store; not replaced")
@@ -117,6 +126,277 @@ def level_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:
         h, w = h // 2, w // 2
         shapes.append((c, h, w))
     return shapes
+
+
+@dataclass(frozen=True, slots=True)
+class PyramidLayout:
+    """Where and how the levels of an output store are laid out."""
+
+    path: Path
+    """The store."""
+    ngff: str
+    """NGFF version, ``"0.5"`` (zarr v3) or ``"0.4"`` (zarr v2)."""
+    level_paths: tuple[str, ...]
+    """Array paths of the levels inside the store, level 0 first."""
+    level_shapes: tuple[tuple[int, int, int], ...]
+    """Shapes ``(c, y, x)`` of the levels."""
+    chunk_yx: tuple[int, int]
+    """Level-0 chunk edges."""
+    low_chunk_yx: tuple[int, int]
+    """Chunk edges of the other levels."""
+    level1_with_level0: bool
+    """Level 1 is written from each level-0 chunk while it is in memory (even chunks)."""
+    dtype: str
+    """Pixel type of every level."""
+
+
+def pyramid_layout(
+    path: str | Path,
+    shape: tuple[int, int, int],
+    dtype: np.dtype | str,
+    chunk_yx: tuple[int, int],
+    *,
+    ngff: str = "0.5",
+) -> PyramidLayout:
+    """Plan the levels of a store for a level 0 of ``shape`` with ``chunk_yx`` chunks.
+
+    Parameters
+    ----------
+    path : str or Path
+        The store.
+    shape : tuple of int
+        ``(c, y, x)`` of level 0.
+    dtype : numpy dtype
+        Pixel type.
+    chunk_yx : tuple of int
+        Level-0 chunk edges (the zarr chunks equal the refocusing chunks).
+    ngff : {"0.5", "0.4"}
+        NGFF version.
+
+    Returns
+    -------
+    PyramidLayout
+    """
+    if ngff not in ("0.4", "0.5"):
+        raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
+    shapes = level_shapes(shape)
+    chunk_y, chunk_x = (int(n) for n in chunk_yx)
+    # Level 1 is the 2x mean of each level-0 chunk while it is in memory (no re-read)
+    # when chunks are even; the levels below then have chunks half as large, so each
+    # stays aligned with the blocks that write it.
+    with_level0 = len(shapes) > 1 and chunk_y % 2 == 0 and chunk_x % 2 == 0
+    prefix = "s" if ngff == "0.5" else ""
+    return PyramidLayout(
+        path=Path(path),
+        ngff=ngff,
+        level_paths=tuple(f"{prefix}{k}" for k in range(len(shapes))),
+        level_shapes=tuple(shapes),
+        chunk_yx=(chunk_y, chunk_x),
+        low_chunk_yx=(chunk_y // 2, chunk_x // 2) if with_level0 else (chunk_y, chunk_x),
+        level1_with_level0=with_level0,
+        dtype=str(np.dtype(dtype)),
+    )
+
+
+def create_pyramid(layout: PyramidLayout, provenance: dict[str, Any]) -> None:
+    """Create the store's group (marked incomplete) and its empty level arrays.
+
+    Parameters
+    ----------
+    layout : PyramidLayout
+        What to create; the store must not exist yet (see :func:`prepare_output`).
+    provenance : dict
+        Stored under the group attribute ``wsi_deepr`` with ``complete = false``.
+
+    Raises
+    ------
+    OutputError
+        The store cannot be written.
+    """
+    import zarr
+
+    zarr_format: Literal[2, 3] = 3 if layout.ngff == "0.5" else 2
+    try:
+        _remove_old(layout.path)
+        group = zarr.open_group(str(layout.path), mode="w-", zarr_format=zarr_format)
+        group.attrs["wsi_deepr"] = {**provenance, "complete": False}
+        for k, (level_path, shape) in enumerate(
+            zip(layout.level_paths, layout.level_shapes, strict=True)
+        ):
+            group.create_array(
+                level_path,
+                shape=shape,
+                dtype=layout.dtype,
+                chunks=(shape[0], *(layout.chunk_yx if k == 0 else layout.low_chunk_yx)),
+                fill_value=0,
+                **_format_options(zarr_format),
+            )
+        ChunkProgress(layout.path).create()
+    except OSError as exc:
+        settle_zarr_io()
+        raise OutputError.write_failed(layout.path, exc) from exc
+
+
+def stored_record(path: str | Path) -> dict[str, Any] | None:
+    """The ``wsi_deepr`` attributes of an existing store, or None when it has none."""
+    import zarr
+
+    try:
+        record = zarr.open_group(str(path), mode="r").attrs.get("wsi_deepr")
+    except (OSError, ValueError, KeyError, TypeError, FileNotFoundError):
+        return None
+    return dict(record) if isinstance(record, dict) else None
+
+
+def check_resumable(layout: PyramidLayout, resume_key: dict[str, Any]) -> frozenset:
+    """Check that an interrupted store is this job's; return its finished chunks.
+
+    Parameters
+    ----------
+    layout : PyramidLayout
+        The layout this run would create.
+    resume_key : dict
+        What must not change between the interrupted run and this one (model, tiles,
+        slide size and statistics ...), stored as ``wsi_deepr.resume_key``.
+
+    Returns
+    -------
+    frozenset of (int, int)
+        Level-0 chunks ``(row, column)`` already stored.
+
+    Raises
+    ------
+    OutputError
+        The store is not an interrupted run of the same job.
+    """
+    import zarr
+
+    out = layout.path
+    record = stored_record(out)
+    if record is None:
+        raise OutputError(out, "is not a wsi-deepr output; not resumed",
+                          hint="pass --overwrite to replace it")  # fmt: skip
+    stored_key = record.get("resume_key")
+    if stored_key != json.loads(json.dumps(resume_key)):
+        if not isinstance(stored_key, dict):
+            changed = "its settings are not recorded"
+        else:
+            wanted = json.loads(json.dumps(resume_key))
+            names = sorted(k for k in {*stored_key, *wanted} if stored_key.get(k) != wanted.get(k))
+            changed = "these differ: " + ", ".join(names)
+        raise OutputError(out, f"was started with other settings ({changed}); not resumed",
+                          hint="run with the same settings, or pass --overwrite")  # fmt: skip
+    try:
+        group = zarr.open_group(str(out), mode="r")
+        for k, (level_path, shape) in enumerate(
+            zip(layout.level_paths, layout.level_shapes, strict=True)
+        ):
+            array: Any = group[level_path]
+            chunks = (shape[0], *(layout.chunk_yx if k == 0 else layout.low_chunk_yx))
+            if (tuple(array.shape), tuple(array.chunks), str(array.dtype)) != (
+                shape, chunks, layout.dtype
+            ):  # fmt: skip
+                raise OutputError(out, f"level {level_path} does not match the run; not resumed",
+                                  hint="pass --overwrite to start again")  # fmt: skip
+    except (KeyError, OSError, ValueError, TypeError) as exc:
+        settle_zarr_io()
+        raise OutputError(out, f"cannot be resumed: {exc}", hint="pass --overwrite") from exc
+    progress = ChunkProgress(out)
+    progress.create()
+    return progress.done()
+
+
+def write_chunk(layout: PyramidLayout, origin_yx: tuple[int, int], block: np.ndarray) -> None:
+    """Store one level-0 chunk (and its level-1 mean when the layout says so).
+
+    Parameters
+    ----------
+    layout : PyramidLayout
+        The store.
+    origin_yx : tuple of int
+        Level-0 position of the block's first pixel; a multiple of the chunk edges.
+    block : ndarray of shape (C, h, w)
+        The chunk (smaller at the slide's bottom and right edges).
+    """
+    import zarr
+
+    y0, x0 = origin_yx
+    _, h, w = block.shape
+    try:
+        level0 = zarr.open_array(str(layout.path / layout.level_paths[0]), mode="r+")
+        level0[:, y0 : y0 + h, x0 : x0 + w] = block
+        if layout.level1_with_level0 and h >= 2 and w >= 2:
+            level1 = zarr.open_array(str(layout.path / layout.level_paths[1]), mode="r+")
+            half = _mean2x2(block)
+            level1[:, y0 // 2 : y0 // 2 + half.shape[1], x0 // 2 : x0 // 2 + half.shape[2]] = half
+    except OSError as exc:
+        settle_zarr_io()
+        raise OutputError.write_failed(layout.path, exc) from exc
+
+
+def write_chunk_task(
+    block: np.ndarray,
+    tiles_run: int,
+    layout: PyramidLayout,
+    origin_yx: tuple[int, int],
+    index: tuple[int, int],
+) -> int:
+    """Dask task: store a chunk, then mark it done for resuming; returns ``tiles_run``."""
+    write_chunk(layout, origin_yx, block)
+    ChunkProgress(layout.path).mark_done(index)
+    return tiles_run
+
+
+def finish_pyramid(
+    layout: PyramidLayout,
+    *,
+    mpp: float,
+    channel_names: tuple[str, ...],
+    channel_colors: tuple[str, ...],
+    name: str,
+    compute: Compute | None = None,
+) -> float:
+    """Compute the levels below those written with level 0, then the NGFF metadata.
+
+    Parameters
+    ----------
+    layout : PyramidLayout
+        The store; level 0 (and level 1 when written with it) must be complete.
+    mpp : float
+        Pixel size of level 0 in micrometres.
+    channel_names, channel_colors : tuple of str
+        One name and one hex colour ``RRGGBB`` per channel.
+    name : str
+        Image name in the metadata.
+    compute : callable, optional
+        Runs a lazy ``da.store``; ``dask.compute`` by default.
+
+    Returns
+    -------
+    float
+        Seconds spent on the downsampled levels.
+    """
+    import zarr
+
+    run = compute or (lambda graph: dask.compute(graph))
+    started = time.perf_counter()
+    try:
+        group = zarr.open_group(str(layout.path), mode="r+")
+        first = 2 if layout.level1_with_level0 else 1
+        for k in range(first, len(layout.level_paths)):
+            source: Any = group[layout.level_paths[k - 1]]
+            target: Any = group[layout.level_paths[k]]
+            run(da.store(_downsample(source, layout.low_chunk_yx), target,
+                         lock=False, compute=False))  # fmt: skip
+        _write_multiscales(
+            group, ngff=layout.ngff, level_paths=layout.level_paths, mpp=mpp, name=name,
+            channel_names=channel_names, channel_colors=channel_colors,
+            dtype=np.dtype(layout.dtype),
+        )  # fmt: skip
+    except OSError as exc:
+        settle_zarr_io()
+        raise OutputError.write_failed(layout.path, exc) from exc
+    return time.perf_counter() - started
 
 
 def write_pyramid(
@@ -151,7 +431,7 @@ def write_pyramid(
     overwrite : bool
         Replace an existing store.
     compute : callable, optional
-        Called with the lazy ``da.store`` result; ``dask.compute`` by default.
+        Called with the lazy tasks; ``dask.compute`` by default.
     name : str, optional
         Image name in the metadata.
 
@@ -160,73 +440,31 @@ def write_pyramid(
     Pyramid
         Call :func:`mark_complete` after writing the report.
     """
-    import zarr
-
     if ngff not in ("0.4", "0.5"):
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
     out = prepare_output(path, overwrite=overwrite)
     run = compute or (lambda graph: dask.compute(graph))
-    n_channels = int(level0.shape[0])
-    chunk_y, chunk_x = int(level0.chunks[1][0]), int(level0.chunks[2][0])
-    zarr_format: Literal[2, 3] = 3 if ngff == "0.5" else 2
-    prefix = "s" if ngff == "0.5" else ""
-    shapes = level_shapes(tuple(int(s) for s in level0.shape))  # type: ignore[arg-type]
-    try:
-        _remove_old(out)
-        group = zarr.open_group(str(out), mode="w-", zarr_format=zarr_format)
-        group.attrs["wsi_deepr"] = {**provenance, "complete": False}
-        # Level 1 is computed from level 0's blocks while they are in memory (no re-read)
-        # when every block halves to at least one pixel; the levels below then have
-        # chunks half as large, so each stays aligned with the blocks that write it.
-        halves = all(n >= 2 for n in (*level0.chunks[1], *level0.chunks[2]))
-        from_memory = len(shapes) > 1 and halves and chunk_y % 2 == 0 and chunk_x % 2 == 0
-        low_chunks = (chunk_y // 2, chunk_x // 2) if from_memory else (chunk_y, chunk_x)
-        arrays: list[Any] = []
-        for k, shape in enumerate(shapes):
-            arrays.append(
-                group.create_array(
-                    f"{prefix}{k}",
-                    shape=shape,
-                    dtype=level0.dtype,
-                    chunks=(n_channels, *((chunk_y, chunk_x) if k == 0 else low_chunks)),
-                    fill_value=0,
-                    **_format_options(zarr_format),
-                )
-            )
-        started = time.perf_counter()
-        if from_memory:
-            level1 = da.map_blocks(
-                _mean2x2,
-                level0,
-                chunks=(level0.chunks[0], *(tuple(n // 2 for n in c) for c in level0.chunks[1:])),
-                dtype=level0.dtype,
-                meta=np.empty((0, 0, 0), dtype=level0.dtype),
-            )
-            run(da.store([level0, level1], arrays[:2], lock=False, compute=False))
-        else:
-            run(da.store(level0, arrays[0], lock=False, compute=False))
-        level0_s = time.perf_counter() - started
-        started = time.perf_counter()
-        for k in range(2 if from_memory else 1, len(shapes)):
-            run(da.store(_downsample(arrays[k - 1], low_chunks), arrays[k],
-                         lock=False, compute=False))  # fmt: skip
-        pyramid_s = time.perf_counter() - started
-        paths = tuple(f"{prefix}{k}" for k in range(len(shapes)))
-        _write_multiscales(
-            group, ngff=ngff, level_paths=paths, mpp=mpp, name=name or out.stem,
-            channel_names=channel_names, channel_colors=channel_colors, dtype=level0.dtype,
-        )  # fmt: skip
-    except OSError as exc:
-        settle_zarr_io()
-        raise _output_error(out, exc) from exc
-    return Pyramid(out, paths, tuple(shapes), level0_s, pyramid_s)
-
-
-def _output_error(out: Path, exc: OSError) -> OutputError:
-    reason = exc.strerror or str(exc)
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return OutputError(out, f"write failed, disk full ({reason}); the store is incomplete")
-    return OutputError(out, f"write failed ({reason}); the store is incomplete")
+    chunk_yx = (int(level0.chunks[1][0]), int(level0.chunks[2][0]))
+    shape = tuple(int(s) for s in level0.shape)
+    layout = pyramid_layout(out, shape, level0.dtype, chunk_yx, ngff=ngff)  # type: ignore[arg-type]
+    create_pyramid(layout, provenance)
+    started = time.perf_counter()
+    write = dask.delayed(write_chunk_task, pure=True)
+    blocks = level0.to_delayed()
+    offsets_y = np.cumsum((0, *level0.chunks[1]))
+    offsets_x = np.cumsum((0, *level0.chunks[2]))
+    tasks = [
+        write(blocks[0, a, b], 0, layout, (int(offsets_y[a]), int(offsets_x[b])), (a, b))
+        for a in range(len(level0.chunks[1]))
+        for b in range(len(level0.chunks[2]))
+    ]
+    run(tasks)
+    level0_s = time.perf_counter() - started
+    pyramid_s = finish_pyramid(
+        layout, mpp=mpp, channel_names=channel_names, channel_colors=channel_colors,
+        name=name or out.stem, compute=run,
+    )  # fmt: skip
+    return Pyramid(out, layout.level_paths, layout.level_shapes, level0_s, pyramid_s)
 
 
 def settle_zarr_io(timeout_s: float = 5.0) -> None:
@@ -342,7 +580,7 @@ def _omero(names: tuple[str, ...], colors: tuple[str, ...], dtype: np.dtype) -> 
 
 
 def mark_complete(path: str | Path, report: dict[str, Any], provenance: dict[str, Any]) -> None:
-    """Write ``report.json`` and then, last of all, ``wsi_deepr.complete = true``.
+    """Drop the resume records, write ``report.json`` and, last, ``wsi_deepr.complete``.
 
     Raises
     ------
@@ -353,12 +591,13 @@ def mark_complete(path: str | Path, report: dict[str, Any], provenance: dict[str
 
     out = Path(path)
     try:
+        ChunkProgress(out).remove()
         (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
         group = zarr.open_group(str(out), mode="r+")
         group.attrs["wsi_deepr"] = {**provenance, "complete": True}
     except OSError as exc:
         settle_zarr_io()
-        raise _output_error(out, exc) from exc
+        raise OutputError.write_failed(out, exc) from exc
 
 
 def is_complete(path: str | Path) -> bool:

@@ -38,7 +38,14 @@ LOG = logging.getLogger("wsi_deepr")
               help="Refuse a slide whose pixel size lies outside the model's range.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tiles per model call [default: 1 on the CPU, 8 on a GPU].")  # fmt: skip
+@click.option("--chunk-px", type=click.IntRange(min=1), default=None,
+              help="Output chunk edge in pixels [default: a multiple of the tile stride "
+              "near 2048].")  # fmt: skip
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Local worker threads [default: from the cores].")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run in OUTPUT, computing only the rest.")  # fmt: skip
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary line.")
 def run(
     slide: str,
@@ -53,7 +60,10 @@ def run(
     mpp: float | None,
     strict: bool,
     batch_size: int | None,
+    chunk_px: int | None,
+    workers: int | None,
     overwrite: bool,
+    resume: bool,
     quiet: bool,
 ) -> None:
     """Refocus SLIDE with a Deep-R generator and write the OME-Zarr pyramid OUTPUT.
@@ -80,6 +90,9 @@ def run(
         mpp=mpp,
         strict=strict,
         batch_size=batch_size,
+        chunk_px=chunk_px,
+        workers=workers,
+        resume=resume,
         progress=not quiet and sys.stderr.isatty(),
     )
     if not quiet:
