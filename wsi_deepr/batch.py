@@ -15,7 +15,6 @@ with ``spawn``, distributed's default, so no CUDA state is inherited through ``f
 from __future__ import annotations
 
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -32,7 +31,6 @@ from typing import Any, Literal
 import wsi_deepr
 from wsi_deepr.batch_inputs import SlideJob
 from wsi_deepr.errors import OptionError, OutputError, WsiDeeprError
-from wsi_deepr.report import Report
 
 LOG = logging.getLogger("wsi_deepr")
 
@@ -68,6 +66,8 @@ class SlideRecord:
     """ONNX Runtime execution provider used."""
     model: str | None = None
     """Model name from its card."""
+    chunks_reused: int | None = None
+    """Output chunks kept from an interrupted run (``--resume``) instead of recomputed."""
     report: dict[str, Any] | None = None
     """The slide's full report (``report.json``)."""
 
@@ -191,8 +191,6 @@ def run_batch(
     """
     if overwrite and resume:
         raise OptionError("--resume", "contradicts --overwrite (which recomputes everything)")
-    if resume and not supports_resume():
-        raise OptionError("--resume", "this version of wsi-deepr cannot resume a slide")
     if scheduler is not None and workers is not None:
         raise OptionError("--workers", "applies to the local cluster; not with --scheduler")
     options = _resolve_device(options)
@@ -256,26 +254,11 @@ def _resolve_device(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "device": device}
 
 
-def supports_resume() -> bool:
-    """Whether :func:`wsi_deepr.run.refocus_slide` takes ``resume``."""
-    from wsi_deepr.run import refocus_slide
-
-    return "resume" in inspect.signature(refocus_slide).parameters
-
-
-def _refocus(job: SlideJob, *, resume: bool, **kwargs: Any) -> Report:
-    """Call ``refocus_slide``, passing ``resume`` only when asked for."""
-    from wsi_deepr.run import refocus_slide
-
-    if resume:
-        kwargs["resume"] = True
-    return refocus_slide(job.slide, job.output, **kwargs)
-
-
 def _run_one(
     job: SlideJob, *, client: Any, overwrite: bool, resume: bool, options: dict[str, Any]
 ) -> SlideRecord:
     """Run one slide; every failure becomes a record (the batch goes on)."""
+    from wsi_deepr.run import refocus_slide
     from wsi_deepr.writer import REPORT_NAME, is_complete
 
     if not overwrite and is_complete(job.output):
@@ -289,7 +272,9 @@ def _run_one(
         kwargs["mpp"] = job.mpp
     started = time.perf_counter()
     try:
-        report = _refocus(job, resume=resume, scheduler=client, overwrite=overwrite, **kwargs)
+        report = refocus_slide(
+            job.slide, job.output, scheduler=client, overwrite=overwrite, resume=resume, **kwargs
+        )
     except WsiDeeprError as exc:
         LOG.info("%s: failed: %s", job.slide, exc.one_line())
         return _failed(job, exc.one_line(), exc.exit_code, time.perf_counter() - started)
@@ -315,6 +300,7 @@ def _record(
         device=report.get("device"),
         provider=report.get("provider"),
         model=report.get("model_name"),
+        chunks_reused=(report.get("extra") or {}).get("chunks_reused"),
         report=report or None,
     )
 
