@@ -259,3 +259,56 @@ def test_cli_batch_with_a_corrupt_slide_finishes_the_others_and_exits_2(tmp_path
     record = json.loads((out / BATCH_JSON).read_text())
     assert record["counts"] == {"done": 0, "failed": 1, "skipped": 4}
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # complete outputs untouched
+
+
+# ------------------------------------------------------------------------------ resume
+def test_batch_resume_continues_a_killed_run_and_skips_finished_slides(tmp_path):
+    """A `wsi-deepr run` killed mid-slide: the batch refuses it without --resume, then
+    resumes it (reusing its stored chunks) next to a new slide and a finished one."""
+    images = {name: synthetic_tissue((1100, 1100), seed=40 + k) for k, name in enumerate("abc")}
+    paths = {
+        n: make_tiff_slide(tmp_path / f"{n}.tif", im, MPP, tile=128) for n, im in images.items()
+    }
+    model = make_slow_identity_model(tmp_path / "slow.onnx", rounds=24)
+    options = dict(model=str(model), tile_px=128, overlap_px=16, chunk_px=224,
+                   tissue_mask=False, device="cpu")  # fmt: skip
+    out = tmp_path / "out"
+    refocus_slide(paths["c"], out / "c.zarr", **options)  # finished before the batch
+    finished_stamp = (out / "c.zarr" / "report.json").stat().st_mtime_ns
+
+    run = subprocess.Popen(
+        [sys.executable, "-m", "wsi_deepr", "run", str(paths["a"]), str(out / "a.zarr"),
+         "--model", str(model), "--tile-px", "128", "--overlap-px", "16", "--chunk-px", "224",
+         "--no-tissue-mask", "--device", "cpu", "--workers", "1", "--quiet"],
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    markers = out / "a.zarr" / "wsi_deepr_progress"
+    deadline = time.monotonic() + 120
+    while len(list(markers.glob("done-*"))) < 3 and time.monotonic() < deadline:
+        assert run.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert not is_complete(out / "a.zarr")
+
+    jobs = collect_jobs([str(tmp_path / "*.tif")], out)
+    refused = run_batch(jobs, workers=1, **options)
+    assert [r.status for r in refused.records] == ["failed", "done", "skipped"]
+    assert "--resume" in (refused.records[0].error or "") and refused.exit_code == 2
+
+    resumed = run_batch(jobs, workers=1, resume=True, record_path=out / BATCH_JSON, **options)
+    assert [r.status for r in resumed.records] == ["done", "skipped", "skipped"]
+    assert resumed.exit_code == 0
+    reused = resumed.records[0].chunks_reused
+    assert reused is not None and 3 <= reused < 25, reused  # 5 x 5 chunks
+    extra = (resumed.records[0].report or {})["extra"]
+    assert extra["chunks_computed"] == 25 - reused
+    assert json.loads((out / BATCH_JSON).read_text())["slides"][0]["chunks_reused"] == reused
+    assert (out / "c.zarr" / "report.json").stat().st_mtime_ns == finished_stamp
+    for name, image in images.items():
+        assert is_complete(out / f"{name}.zarr")
+        np.testing.assert_array_equal(all_levels(out / f"{name}.zarr")["s0"], image)
+    reference = tmp_path / "reference.zarr"
+    refocus_slide(paths["a"], reference, **options)
+    got, want = all_levels(out / "a.zarr"), all_levels(reference)
+    assert all(np.array_equal(got[k], want[k]) for k in want) and list(got) == list(want)
