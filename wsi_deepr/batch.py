@@ -200,7 +200,8 @@ def run_batch(
     lock = threading.Lock()
     extra = {"overwrite": overwrite, "resume": resume, **_jsonable(options)}
 
-    with _client(scheduler, workers, threads_per_worker) as client:
+    pin_gpus = options.get("device") in ("cuda", "tensorrt")
+    with _client(scheduler, workers, threads_per_worker, pin_gpus=pin_gpus) as client:
         n_threads = sum(client.nthreads().values()) or 1
         in_flight = max(1, min(len(jobs), slides_in_flight or n_threads + 1))
         LOG.info(
@@ -337,7 +338,9 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _client(scheduler: str | Any | None, workers: int | None, threads: int) -> Iterator[Any]:
+def _client(
+    scheduler: str | Any | None, workers: int | None, threads: int, *, pin_gpus: bool = False
+) -> Iterator[Any]:
     """A client of the given scheduler, or of a local cluster started (and closed) here."""
     from distributed import Client
 
@@ -368,7 +371,9 @@ def default_workers() -> int:
 
 
 @contextlib.contextmanager
-def local_cluster(workers: int | None = None, threads_per_worker: int = 1) -> Iterator[Any]:
+def local_cluster(
+    workers: int | None = None, threads_per_worker: int = 1, *, pin_gpus: bool = False
+) -> Iterator[Any]:
     """A ``distributed.LocalCluster`` of worker processes (spawned, never forked).
 
     Parameters
@@ -377,6 +382,8 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1) -> It
         Worker processes (:func:`default_workers` by default).
     threads_per_worker : int
         Threads per worker process.
+    pin_gpus : bool
+        Give worker ``k`` the ``k``-th GPU (:mod:`wsi_deepr.gpu_pinning`).
 
     Yields
     ------
@@ -398,6 +405,7 @@ def local_cluster(workers: int | None = None, threads_per_worker: int = 1) -> It
             processes=True,
             dashboard_address=None,
             silence_logs=logging.ERROR,
+            preload=["wsi_deepr.gpu_pinning"] if pin_gpus else [],
         ) as cluster,
     ):
         yield cluster
