@@ -6,6 +6,7 @@ as ``metadata_props`` (JSON-encoded values, as the exporter writes them).
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,25 @@ def make_slow_identity_model(path: str | Path, *, rounds: int = 8, channels: int
     ]
     zero = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")
     return _save(Path(path), nodes, channels, initializers=[zero])
+
+
+def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) -> Path:
+    """A stack of dense 3x3 convolutions that smooth (RGB in and out), with real cost.
+
+    About ``9 x width^2 x n_layers`` multiply-adds per pixel, like a small U-Net, so a
+    run takes long enough to be interrupted; each layer averages its inputs with
+    :data:`BLUR_3X3`, so values stay in range.
+    """
+    sizes = [3, *([width] * n_layers), 3]
+    nodes, initializers = [], []
+    for k, (c_in, c_out) in enumerate(itertools.pairwise(sizes)):
+        weight = np.broadcast_to(BLUR_3X3 / c_in, (c_out, c_in, 3, 3)).astype(np.float32)
+        initializers.append(numpy_helper.from_array(weight, f"w{k}"))
+        source = "input" if k == 0 else f"h{k}"
+        target = "output" if k == len(sizes) - 2 else f"h{k + 1}"
+        nodes.append(
+            helper.make_node(
+                "Conv", [source, f"w{k}"], [target], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
+            )
+        )
+    return _save(Path(path), nodes, 3, initializers=initializers)
