@@ -7,7 +7,9 @@ reason and the others go on; a slide whose output is already complete is skipped
 worker that dies mid-job loses nothing: the scheduler reruns its tasks elsewhere, and the
 tasks write their output chunks idempotently.
 
-Without ``scheduler`` a local cluster is started: ``workers`` worker *processes* (started
+``device="auto"`` is probed once for the whole batch (one log line, not one per slide) and
+the slides run with the provider it found; ``batch.json`` keeps both. Without
+``scheduler`` a local cluster is started: ``workers`` worker *processes* (started
 with ``spawn``, distributed's default, so no CUDA state is inherited through ``fork``) with
 ``threads_per_worker`` threads each.
 """
@@ -193,12 +195,14 @@ def run_batch(
         raise OptionError("--resume", "contradicts --overwrite (which recomputes everything)")
     if scheduler is not None and workers is not None:
         raise OptionError("--workers", "applies to the local cluster; not with --scheduler")
+    device_asked = options.get("device", "auto")
     options = _resolve_device(options)
     started_utc = datetime.now(UTC).isoformat(timespec="seconds")
     started = time.perf_counter()
     records: dict[int, SlideRecord] = {}
     lock = threading.Lock()
-    extra = {"overwrite": overwrite, "resume": resume, **_jsonable(options)}
+    extra = {"overwrite": overwrite, "resume": resume, **_jsonable(options),
+             "device_asked": device_asked}  # fmt: skip
 
     pin_gpus = options.get("device") in ("cuda", "tensorrt")
     with _client(scheduler, workers, threads_per_worker, pin_gpus=pin_gpus) as client:
