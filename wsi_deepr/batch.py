@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import tempfile
 import threading
 import time
@@ -232,7 +233,8 @@ def run_batch(
             if on_record is not None:
                 on_record(record)
 
-        with ThreadPoolExecutor(in_flight, thread_name_prefix="wsi-deepr-slide") as pool:
+        pool = ThreadPoolExecutor(in_flight, thread_name_prefix="wsi-deepr-slide")
+        try:
             futures = {
                 pool.submit(
                     _run_one, job, client=client, overwrite=overwrite, resume=resume,
@@ -242,6 +244,12 @@ def run_batch(
             }  # fmt: skip
             for future in as_completed(futures):
                 finish(futures[future], future.result())
+        except BaseException:
+            # Ctrl-C: start no further slide; closing the client below ends those in
+            # flight (their stores stay incomplete, for --resume), instead of waiting.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
         final = result()
     if record_path is not None:
         write_record(final, record_path)
@@ -403,16 +411,37 @@ def local_cluster(
     # worker to 'fork' (a forked child inherits a CUDA context it cannot use).
     with (
         dask.config.set({"distributed.worker.multiprocessing-method": "spawn"}),
-        LocalCluster(
+        _workers_ignore_ctrl_c(),
+    ):
+        cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=threads_per_worker,
             processes=True,
-            dashboard_address=None,
+            dashboard_address=":0",  # a free port: 8787 may belong to another cluster
             silence_logs=logging.ERROR,
             preload=["wsi_deepr.gpu_pinning"] if pin_gpus else [],
-        ) as cluster,
-    ):
+        )
+    with cluster:
+        LOG.info("local cluster: %d workers, dashboard %s", n_workers, cluster.dashboard_link)
         yield cluster
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored (inherited through spawn's exec).
+
+    Ctrl-C reaches the whole process group: the batch then closes the cluster itself,
+    instead of every worker dying with a KeyboardInterrupt traceback. Only possible from
+    the main thread; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def write_record(result: BatchResult, path: str | Path) -> Path:
