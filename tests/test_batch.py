@@ -17,9 +17,16 @@ import zarr
 from slides import make_tiff_slide, synthetic_tissue
 from tiny_models import make_identity_model, make_slow_identity_model
 
-from wsi_deepr.batch import BATCH_JSON, BatchResult, SlideRecord, format_summary, run_batch
+from wsi_deepr.batch import (
+    BATCH_JSON,
+    BatchResult,
+    SlideRecord,
+    format_summary,
+    run_batch,
+    write_record,
+)
 from wsi_deepr.batch_inputs import SlideJob, collect_jobs, output_name
-from wsi_deepr.errors import ConfigError, InputError, OptionError
+from wsi_deepr.errors import ConfigError, InputError, OptionError, OutputError
 from wsi_deepr.run import refocus_slide
 from wsi_deepr.writer import is_complete
 
@@ -125,6 +132,21 @@ def test_summary_and_exit_code_follow_the_records():
     assert result.exit_code == 1
     result.records[:] = [record("done", area=1.0, seconds=1.0)]
     assert result.exit_code == 0
+
+
+def test_batch_record_replaces_the_old_one_whole_and_leaves_no_temporary_file(tmp_path):
+    done = SlideRecord("/s/a.tif", "o", "done", area_mm2=1.0, seconds=2.0)
+    result = BatchResult([done], 3.0, "tcp://x", worker_threads=1, slides_in_flight=1)
+    target = tmp_path / BATCH_JSON
+    target.write_text("old")
+    write_record(result, target)
+    record = json.loads(target.read_text())
+    assert record["counts"] == {"done": 1, "failed": 0, "skipped": 0}
+    assert record["slides"][0]["seconds"] == 2.0 and record["s_per_mm2"] == 3.0
+    assert [p.name for p in tmp_path.iterdir()] == [BATCH_JSON]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write the batch record"):
+        write_record(result, tmp_path / "file" / BATCH_JSON)
 
 
 # ------------------------------------------------------------------------ lost workers
