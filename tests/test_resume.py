@@ -137,3 +137,10 @@ def test_resume_with_other_settings_is_refused_and_a_finished_store_is_left_alon
 
     both = cli("run", str(slide), str(out), "--model", str(model), "--resume", "--overwrite")
     assert both.returncode == 2 and "--resume" in both.stderr
+
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(str(foreign), mode="w").attrs["note"] = "someone else's"
+    before = {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file()}
+    refused = cli("run", str(slide), str(foreign), "--model", str(model), "--resume")
+    assert refused.returncode == 2 and "not an interrupted wsi-deepr run" in refused.stderr
+    assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file()} == before

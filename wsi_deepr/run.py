@@ -17,7 +17,7 @@ import numpy as np
 
 import wsi_deepr
 from wsi_deepr.chunk_progress import ChunkProgress
-from wsi_deepr.errors import OptionError
+from wsi_deepr.errors import OptionError, OutputError
 from wsi_deepr.inference import CPU, Predictor, plan_threads, select_provider
 from wsi_deepr.model_registry import resolve_model
 from wsi_deepr.refocus import ChunkGraph, default_chunk_px
@@ -130,6 +130,9 @@ def refocus_slide(
         LOG.info("%s: already complete; nothing to resume", out)
         return Report.read(out / REPORT_NAME)
     earlier = stored_record(out) if resume and out.exists() else None
+    if resume and out.exists() and earlier is None:
+        raise OutputError(out, "is not an interrupted wsi-deepr run; not resumed",
+                          hint="pass --overwrite to replace it")  # fmt: skip
     if earlier is not None:
         # The interrupted run's chunking and batching, unless asked otherwise (a
         # different choice is refused below, as any other change of settings).
