@@ -334,3 +334,29 @@ def test_batch_resume_continues_a_killed_run_and_skips_finished_slides(tmp_path)
     refocus_slide(paths["a"], reference, **options)
     got, want = all_levels(out / "a.zarr"), all_levels(reference)
     assert all(np.array_equal(got[k], want[k]) for k in want) and list(got) == list(want)
+
+
+def test_cli_batch_attaches_to_a_running_scheduler(tmp_path):
+    """The documented cluster path: `dask worker`s already up, `--scheduler ADDRESS`."""
+    from distributed import Client, LocalCluster
+
+    for k in range(2):
+        image = synthetic_tissue((300, 400), seed=50 + k)
+        make_tiff_slide(tmp_path / f"s{k}.tif", image, MPP, tile=128, pyramid=False)
+    model = make_identity_model(tmp_path / "identity.onnx")
+    with (
+        LocalCluster(
+            processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster, set_as_default=False) as client,
+    ):
+        done = cli("batch", str(tmp_path / "s*.tif"), "--out", str(tmp_path / "out"),
+                   "--model", str(model), "--tile-px", "128", "--overlap-px", "16",
+                   "--scheduler", cluster.scheduler_address)  # fmt: skip
+        workers_seen = set(client.run(os.getpid).values())
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "out" / BATCH_JSON).read_text())
+    assert record["scheduler"] == cluster.scheduler_address and record["worker_threads"] == 2
+    assert record["counts"] == {"done": 2, "failed": 0, "skipped": 0}
+    assert all(s["report"]["scheduler"] == cluster.scheduler_address for s in record["slides"])
+    assert len(workers_seen) == 2  # the cluster outlived the batch (not closed by it)
