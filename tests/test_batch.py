@@ -263,6 +263,7 @@ def test_cli_batch_with_a_corrupt_slide_finishes_the_others_and_exits_2(tmp_path
     by_name = {Path(s["slide"]).name: s for s in record["slides"]}
     bad = by_name.pop("bad.tif")
     assert bad["status"] == "failed" and str(inbox / "bad.tif") in bad["error"]
+    assert "truncated" in bad["error"] and bad["exit_code"] == 2
     assert not is_complete(out / "bad.zarr")
     for name, slide in by_name.items():
         assert slide["status"] == "done" and is_complete(slide["output"]), name
