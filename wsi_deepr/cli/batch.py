@@ -68,7 +68,7 @@ def batch(
     resume: bool,
     quiet: bool,
 ) -> None:
-    """Refocus every slide in INPUT... (paths, globs, CSV manifests) into --out.
+    """Refocus many slides (paths, globs, CSV manifests) into --out on one Dask cluster.
 
     Each slide goes to OUT/<name>.zarr (or the manifest's output column); slides whose
     output is already complete are skipped. Several slides run at once on one Dask
