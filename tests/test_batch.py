@@ -193,7 +193,7 @@ def test_a_worker_killed_mid_batch_loses_no_slide(tmp_path):
 
     with (
         LocalCluster(
-            processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None
+            processes=True, n_workers=2, threads_per_worker=1, dashboard_address=":0"
         ) as cluster,
         Client(cluster, set_as_default=False) as client,
     ):
