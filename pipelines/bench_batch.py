@@ -5,7 +5,9 @@ Generates ``--slides`` square RGB slides (the JPEG-tiled pyramidal TIFFs of
 command line once per ``--workers`` value, each into a fresh output folder (cluster start
 included, as a user sees it), and prints per run: wall time, slides/hour, batch s/mm2 (wall
 time over the area refocused) and the mean per-slide s/mm2 (slides overlap in time, so
-the per-slide figure grows with the slides in flight while the batch figure falls).
+the per-slide figure grows with the slides in flight while the batch figure falls), and the
+CPU seconds the batch and its workers used (the work done, whatever else runs on the
+machine; compare it with wall time x cores to see contention).
 
     python pipelines/bench_batch.py                                   # 6 slides of 1536 px
     python pipelines/bench_batch.py --slides 8 --size-px 2048 --workers 1 2 4
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import tempfile
@@ -34,13 +37,18 @@ def run_batch_cli(
     """Run ``wsi-deepr batch`` in a child process; returns its batch.json and wall time."""
     command = [sys.executable, "-m", "wsi_deepr", "batch", *map(str, slides), "--out", str(out),
                "--model", str(model), "--workers", str(workers), "--quiet", *extra]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall_s = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
         raise SystemExit(f"bench_batch: batch failed ({done.returncode}):\n{done.stderr}")
     record: dict[str, Any] = json.loads((out / "batch.json").read_text())
     record["process_wall_s"] = wall_s
+    # CPU seconds of the batch and its worker processes (reaped, so counted): on a shared
+    # machine this shows the work done, which wall time under contention does not.
+    record["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return record
 
 
@@ -78,14 +86,17 @@ def main(argv: list[str] | None = None) -> int:
                 "s_per_mm2": record["s_per_mm2"],
                 "slide_s_per_mm2_mean": sum(per_slide) / len(per_slide),
                 "slides_in_flight": record["slides_in_flight"],
+                "cpu_s": record["cpu_s"],
                 "provider": record["slides"][0]["provider"],
             })  # fmt: skip
     print(f"{'workers':>7} {'slides':>6} {'mm2':>6} {'batch s':>8} {'process s':>9} "
-          f"{'slides/h':>9} {'s/mm2':>7} {'slide s/mm2':>11}")  # fmt: skip
+          f"{'slides/h':>9} {'s/mm2':>7} {'slide s/mm2':>11} {'cpu s':>7} "
+          f"{'cpu s/mm2':>9}")  # fmt: skip
     for r in rows:
         print(f"{r['workers']:>7} {r['slides']:>6} {r['area_mm2']:>6.2f} {r['batch_s']:>8.1f} "
               f"{r['process_s']:>9.1f} {r['slides_per_hour']:>9.1f} {r['s_per_mm2']:>7.2f} "
-              f"{r['slide_s_per_mm2_mean']:>11.2f}")  # fmt: skip
+              f"{r['slide_s_per_mm2_mean']:>11.2f} {r['cpu_s']:>7.1f} "
+              f"{r['cpu_s'] / r['area_mm2']:>9.2f}")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0
