@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     if not inbox.is_dir():
         print(f"inbox_job: error: {inbox}: not a folder", file=sys.stderr)
         return 2
+    if out == inbox:
+        print(f"inbox_job: error: {out}: the outputs (.zarr) would be taken for new slides; "
+              "give --out another folder", file=sys.stderr)  # fmt: skip
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     lock_path = options.lock or out / LOCK_NAME
     with open(lock_path, "a+") as lock:
