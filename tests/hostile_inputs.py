@@ -178,3 +178,18 @@ def truncated_jpeg(path: Path) -> Path:
     whole.unlink()
     path.write_bytes(data[: len(data) // 2])
     return path
+
+
+def sparse_ome_zarr(path: Path, shape_cyx: tuple[int, int, int]) -> Path:
+    """An OME-Zarr 0.5 image of ``shape_cyx`` with no chunk written (all fill value).
+
+    A few kB on disk however large it says it is.
+    """
+    import zarr
+
+    make_ome_zarr(path, np.zeros((shape_cyx[0], 64, 64), np.uint8), 0.5, pyramid=False)
+    group = zarr.open_group(str(path), mode="r+")
+    del group["s0"]
+    group.create_array("s0", shape=shape_cyx, dtype="uint8", chunks=(shape_cyx[0], 1024, 1024),
+                       fill_value=0, dimension_names=("c", "y", "x"))  # fmt: skip
+    return path

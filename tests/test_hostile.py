@@ -35,6 +35,7 @@ from hostile_inputs import (
     one_pixel_strip,
     plain_tiff,
     random_bytes,
+    sparse_ome_zarr,
     tiff_with_tile_offset_past_end,
     truncated_jpeg,
     truncated_tiff,
@@ -45,7 +46,12 @@ from hostile_inputs import (
     zero_width_tiff,
 )
 from slides import make_png, synthetic_tissue
-from tiny_models import make_channel_mean_model, make_identity_model, make_unknown_op_model
+from tiny_models import (
+    make_channel_mean_model,
+    make_halving_model,
+    make_identity_model,
+    make_unknown_op_model,
+)
 
 import wsi_deepr
 from wsi_deepr.writer import is_complete
@@ -60,6 +66,9 @@ import ctypes, os, resource, sys
 limit = int(os.environ.pop("HOSTILE_FSIZE_BYTES", "0"))
 if limit:  # Python ignores SIGXFSZ: a write past the limit fails with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+limit = int(os.environ.pop("HOSTILE_AS_BYTES", "0"))
+if limit:  # address space: an allocation past it raises MemoryError
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 if os.environ.pop("HOSTILE_NO_DAC_OVERRIDE", ""):
     # Root ignores file modes through CAP_DAC_OVERRIDE (and CAP_DAC_READ_SEARCH). Drop
     # both from the bounding set; after the exec below they are gone from the process,
@@ -90,6 +99,7 @@ def run_cli(
     cwd: Path,
     *,
     fsize_bytes: int = 0,
+    as_bytes: int = 0,
     unprivileged: bool = False,
     python_args: tuple[str, ...] = ("-m", "wsi_deepr"),
     timeout_s: float = 300.0,
@@ -104,6 +114,8 @@ def run_cli(
         Working folder of the process.
     fsize_bytes : int
         ``RLIMIT_FSIZE`` of the process (0: none): a disk that fills up.
+    as_bytes : int
+        ``RLIMIT_AS`` of the process (0: none): memory that runs out.
     unprivileged : bool
         Make a root process obey file modes (no effect for other users).
     python_args : tuple of str
@@ -117,6 +129,8 @@ def run_cli(
     }
     if fsize_bytes:
         env["HOSTILE_FSIZE_BYTES"] = str(fsize_bytes)
+    if as_bytes:
+        env["HOSTILE_AS_BYTES"] = str(as_bytes)
     if unprivileged and os.geteuid() == 0:
         env["HOSTILE_NO_DAC_OVERRIDE"] = "1"
     import subprocess
@@ -211,6 +225,7 @@ class Refusal:
     """``"none"``: nothing at all is written; ``"incomplete"``: ``out.zarr`` is left
     marked incomplete (the input turned out bad while level 0 was being written)."""
     fsize_bytes: int = 0
+    as_bytes: int = 0
     unprivileged: bool = False
     known_bug: str = ""
     """Why the case fails today (strict xfail: it must start passing once fixed)."""
@@ -310,17 +325,14 @@ REFUSALS: list[Refusal] = [
             "empty.svs", "the file is empty"),
     Refusal("random bytes with a slide extension (.svs)",
             slide_args(lambda w: random_bytes(w / "noise.svs")), "noise.svs", "not a slide format"),
-    Refusal("random bytes with a slide extension (.ndpi)",
-            slide_args(lambda w: random_bytes(w / "noise.ndpi", seed=1)), "noise.ndpi",
-            "not a slide format"),
     Refusal("random bytes after a TIFF header (.tif)",
             slide_args(lambda w: random_bytes(w / "noise.tif", n_bytes=500, prefix=b"II*\x00")),
-            "noise.tif", "not a readable TIFF|TIFF holds no image"),
+            "noise.tif", "TIFF holds no image"),
     Refusal("a TIFF cut in half", slide_args(lambda w: truncated_tiff(w / "cut.tif")),
-            "cut.tif", "truncated|not a readable TIFF|missing"),
+            "cut.tif", r"pixel data end at byte \d+ but the file has \d+ bytes \(truncated"),
     Refusal("a pyramidal TIFF cut in half",
             slide_args(lambda w: truncated_tiff(w / "cut.tif", pyramid=True)),
-            "cut.tif", "truncated|not a readable TIFF|missing"),
+            "cut.tif", r"pixel data end at byte \d+ but the file has \d+ bytes \(truncated"),
     Refusal("a JPEG cut in half",
             slide_args(lambda w: truncated_jpeg(w / "cut.jpg"), "--mpp", "0.5"), "cut.jpg",
             "cannot decode the image: image file is truncated"),
@@ -328,14 +340,12 @@ REFUSALS: list[Refusal] = [
             slide_args(lambda w: tiff_with_tile_offset_past_end(w / "offsets.tif")),
             "offsets.tif", r"pixel data end at byte \d+ but the file has \d+ bytes"),
     Refusal("a zero-sized image (TIFF)", slide_args(lambda w: zero_width_tiff(w / "zero.tif")),
-            "zero.tif", r"no pixels|not a readable TIFF"),
+            "zero.tif", r"image has no pixels \(300 x 0\)"),
     Refusal("a zero-sized image (OME-Zarr)",
             slide_args(lambda w: zarr_with_zero_sized_level(w / "zero.zarr")),
             "zero.zarr", "no pixels"),
     Refusal("float32 with NaN", slide_args(lambda w: float_tiff_with(w / "nan.tif", np.nan)),
             "nan.tif", "NaN or infinite pixel values"),
-    Refusal("float32 with inf", slide_args(lambda w: float_tiff_with(w / "inf.tif", np.inf)),
-            "inf.tif", "NaN or infinite pixel values"),
     Refusal("float32 with -inf at full resolution only (found mid-write)",
             slide_args(lambda w: float_tiff_with(w / "ninf.tif", -np.inf, level0_only=True)),
             "ninf.tif", r"NaN or infinite pixel values at level 0, rows \d+:\d+",
@@ -343,7 +353,7 @@ REFUSALS: list[Refusal] = [
     Refusal("float64 with values beyond float32",
             slide_args(lambda w: plain_tiff(w / "huge.tif", 1e300 * synthetic_tissue(
                 (200, 300), seed=8, rgb=False, dtype=np.float64))),
-            "huge.tif", r"pixel values reach [\d.]+e\+\d+; the model works in float32"),
+            "huge.tif", r"pixel values (at .* )?reach [\d.]+e\+\d+; the model works in float32"),
     # --- pixel size ---
     Refusal("missing mpp", slide_args(lambda w: ome_tiff_with_mpp(w / "nompp.ome.tif", None)),
             "nompp.ome.tif", r"no pixel size in the file \(pass --mpp\)"),
@@ -368,7 +378,6 @@ REFUSALS: list[Refusal] = [
             slide_args(lambda w: zarr_with_pixel_size(w / "text.zarr", "half")), "text.zarr",
             r"scale \[1.0, 'half', 'half'\] is not numeric"),
     Refusal("zero --mpp", slide_args(rgb_slide, "--mpp", "0"), "--mpp", "not a credible"),
-    Refusal("negative --mpp", slide_args(rgb_slide, "--mpp", "-0.5"), "--mpp", "not a credible"),
     Refusal("absurd --mpp", slide_args(rgb_slide, "--mpp", "1e6"), "--mpp", "not a credible"),
     Refusal("--mpp nan", slide_args(rgb_slide, "--mpp", "nan"), "--mpp", "not a credible"),
     Refusal("--mpp that is not a number", slide_args(rgb_slide, "--mpp", "half"), "--mpp",
@@ -401,6 +410,9 @@ REFUSALS: list[Refusal] = [
     Refusal("output exists (no --overwrite)",
             lambda w, m: [str(rgb_slide(w)), str(existing_store(w))], "out.zarr",
             r"already exists \(pass --overwrite to replace it\)"),
+    Refusal("output exists, --overwrite, but the slide is bad (the old store survives)",
+            lambda w, m: [str(random_bytes(w / "empty.svs", n_bytes=0)), str(existing_store(w)),
+                          "--overwrite"], "empty.svs", "the file is empty"),
     Refusal("output is a file",
             lambda w, m: [str(rgb_slide(w)), str(random_bytes(w / "out.zarr", n_bytes=64))],
             "out.zarr", "exists and is not a folder"),
@@ -438,6 +450,11 @@ REFUSALS: list[Refusal] = [
             lambda w, m: [str(noise_slide(w)), "out.zarr"], "out.zarr",
             r"write failed, disk full \(File too large\); the store is incomplete",
             store="incomplete", fsize_bytes=1 << 20),
+    Refusal("memory runs out mid-write (8192 px tiles, 1.5 GiB address space): internal",
+            slide_args(lambda w: sparse_ome_zarr(w / "big.zarr", (3, 8192, 8192)),
+                       "--tile-px", "8192", "--overlap-px", "0", "--no-tissue-mask"),
+            "out of memory", r"Unable to allocate .* MiB", code=1, store="incomplete",
+            as_bytes=3 << 29),
     # --- model ---
     Refusal("corrupt ONNX file", with_model(broken_onnx), "broken.onnx",
             "not a readable ONNX model"),
@@ -456,6 +473,10 @@ REFUSALS: list[Refusal] = [
     Refusal("shipped brightfield model on a 5-channel fluorescence slide",
             with_model(lambda w, m: Path("deepr-he-20x"), lambda w: fluo_slide(w, 5)),
             "deepr-he-20x.onnx", "the model takes 3 channels but the slide has 5"),
+    Refusal("shipped fluorescence model on an RGB brightfield slide, --strict",
+            with_model(lambda w, m: Path("deepr-fluo-40x"), rgb_slide, "--strict", "--mpp", "0.2"),
+            "slide.tif",
+            "the model deepr-fluo-40x is for fluorescence slides; this slide looks brightfield"),
     Refusal("2-channel model on an RGB slide",
             with_model(lambda w, m: make_identity_model(w / "two.onnx", channels=2)),
             "two.onnx", "the model takes 2 channels but the slide has 3"),
@@ -466,6 +487,9 @@ REFUSALS: list[Refusal] = [
     Refusal("model that returns another channel count",
             with_model(lambda w, m: make_channel_mean_model(w / "mean.onnx", channels=3)),
             "mean.onnx", "the model returns 1 channel for 3 input channels"),
+    Refusal("model that returns half the image size",
+            with_model(lambda w, m: make_halving_model(w / "half.onnx")), "half.onnx",
+            r"output \(1, 3, 8, 8\) smaller than input \(1, 3, 16, 16\)"),
     # --- options ---
     Refusal("overlap >= tile/2", slide_args(rgb_slide, "--tile-px", "128", "--overlap-px", "64"),
             "--overlap-px", "64 px must be less than half the tile"),
@@ -515,6 +539,7 @@ def test_hostile_input_is_refused_cleanly(tmp_path: Path, models: Models, case: 
             ["run", *args, "--device", "cpu"],
             work,
             fsize_bytes=case.fsize_bytes,
+            as_bytes=case.as_bytes,
             unprivileged=case.unprivileged,
         )
     finally:
@@ -660,3 +685,17 @@ def test_odd_but_valid_input_is_refocused_bit_for_bit(
     after = snapshot(work)
     assert {k: v for k, v in after.items() if not k.startswith("out.zarr")} == before
     assert done.max_rss_mb < MAX_RSS_MB
+
+
+def test_float64_values_beyond_float32_are_refused_where_level0_is_read(tmp_path: Path) -> None:
+    """Out-of-range values a thumbnail could average away are caught in every pixel read."""
+    from slides import make_tiff_slide
+
+    from wsi_deepr.errors import InputError
+    from wsi_deepr.readers import open_slide
+
+    image = np.full((1, 300, 200), 10.0, dtype=np.float64)
+    image[0, 150, 100] = 1e300
+    path = make_tiff_slide(tmp_path / "spike.tif", image, 0.5, pyramid=False)
+    with pytest.raises(InputError, match=r"spike.tif: pixel values at .* reach 1e\+300"):
+        open_slide(path).data.compute()

@@ -125,7 +125,11 @@ def test_output_that_is_a_file_or_a_foreign_folder_is_refused(tmp_path):
     assert (folder / "notes.txt").read_text() == "keep"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.skipif(
+    os.geteuid() == 0,
+    reason="root writes into read-only folders; test_hostile.py runs this case as root "
+    "through the CLI with CAP_DAC_OVERRIDE dropped",
+)
 def test_output_in_a_read_only_folder_is_refused(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()

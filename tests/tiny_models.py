@@ -141,3 +141,11 @@ def make_unknown_op_model(path: str | Path, *, channels: int = 3) -> Path:
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def make_halving_model(path: str | Path, *, channels: int = 3) -> Path:
+    """A 2 x 2 average pool with stride 2: the output is half the input's size."""
+    node = helper.make_node(
+        "AveragePool", ["input"], ["output"], kernel_shape=[2, 2], strides=[2, 2]
+    )
+    return _save(Path(path), [node], channels)

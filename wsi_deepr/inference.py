@@ -237,8 +237,26 @@ class Predictor:
             in_channels=card.in_channels,
             size_multiple=card.size_multiple,
         )
-        check_signature(predictor, get_session(predictor.model_path, provider, threads))
+        session = get_session(predictor.model_path, provider, threads)
+        check_signature(predictor, session)
+        predictor.probe(session)
         return predictor
+
+    def probe(self, session: ort.InferenceSession) -> None:
+        """Run one small blank tile, so a model that cannot work fails before any output.
+
+        The tile is the smallest the model takes (its fixed height and width, if it has
+        them); its output must have the input's shape (checked by :meth:`__call__`).
+
+        Raises
+        ------
+        ModelError
+            The model fails to run or returns another shape.
+        """
+        dims = next(i for i in session.get_inputs() if i.name == self.input_name).shape
+        side = max(16, self.size_multiple)
+        h, w = (d if isinstance(d, int) and d > 0 else side for d in dims[2:4])
+        self(np.zeros((1, self.in_channels, h, w), dtype=np.float32))
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         """Predict a batch.

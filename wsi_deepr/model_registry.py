@@ -239,7 +239,8 @@ def resolve_model(
     ModelError
         Unknown name, unreadable file, checksum mismatch, channels that do not fit.
     OptionError
-        ``strict`` and the slide's mpp lies outside the card's range.
+        ``strict`` and the slide's mpp lies outside the card's range, or the card's
+        modality is not the slide's (a warning without ``strict``).
     """
     card, path = _find(name_or_path, slide)
     sha = file_sha256(path)
@@ -257,7 +258,24 @@ def resolve_model(
             slide.n_channels,
         )
     _check_mpp(card, slide, path, strict=strict)
+    _check_modality(card, slide, strict=strict)
     return ResolvedModel(card=card, path=path, sha256=sha)
+
+
+def _check_modality(card: ModelCard, slide: Slide, *, strict: bool) -> None:
+    """Warn (or refuse with ``strict``) when the card's modality is not the slide's.
+
+    As in :func:`_check_mpp`, a slide without a finite pixel size is a placeholder (the
+    evaluation's in-memory fields) whose modality means nothing.
+    """
+    if card.modality == slide.modality or not math.isfinite(slide.mpp):
+        return
+    message = (
+        f"the model {card.name} is for {card.modality} slides; this slide looks {slide.modality}"
+    )
+    if strict:
+        raise OptionError(str(slide.path), message, hint="drop --strict to run anyway")
+    LOG.warning("%s: %s", slide.path, message)
 
 
 def _find(name_or_path: str | Path | None, slide: Slide) -> tuple[ModelCard, Path]:

@@ -376,7 +376,16 @@ def _partial_chunk(
     acc = np.zeros(geometry.region_shape, dtype=np.float32)
     mean, std = scaling.mean, scaling.std
     tiles_run = 0
-    if region_read is not None and origins_y.size and origins_x.size:
+    if region_read is not None and origins_y.size and origins_x.size and not tissue.any():
+        # Only background: the tiles' summed weights are separable, so the whole region
+        # is weighted at once instead of tile by tile (--only-blurred and glass).
+        region = region_read.read()
+        acc[:] = region
+        acc -= mean
+        acc /= std
+        acc *= _summed_weights(origins_y, weights_y, acc.shape[1])[:, None]
+        acc *= _summed_weights(origins_x, weights_x, acc.shape[2])[None, :]
+    elif region_read is not None and origins_y.size and origins_x.size:
         region = region_read.read()
         tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
         pending: list[tuple[int, int]] = []
@@ -431,6 +440,14 @@ def _partial_chunk(
         *spills,
         tiles_run,
     )
+
+
+def _summed_weights(origins: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
+    """Sum of the 1-D blending weights of tiles at ``origins`` along one axis."""
+    total = np.zeros(length, dtype=np.float32)
+    for origin, weight in zip(origins, weights, strict=True):
+        total[int(origin) : int(origin) + weight.size] += weight
+    return total
 
 
 def _load_spills(

@@ -108,10 +108,13 @@ class Report:
     def summary(self) -> str:
         """One line for the terminal."""
         _, h, w = self.shape_cyx
+        tissue_rate = (
+            f"{self.s_per_mm2_tissue:.2f} s/mm2 of tissue" if self.tissue_mm2 > 0 else "no tissue"
+        )
         return (
             f"refocused {w}x{h} px ({self.area_mm2:.2f} mm2, tissue {self.tissue_mm2:.2f} mm2) "
-            f"in {self.seconds:.1f} s: {self.s_per_mm2:.2f} s/mm2 "
-            f"({self.s_per_mm2_tissue:.2f} s/mm2 of tissue), {self.tiles_run} tiles run, "
+            f"in {self.seconds:.1f} s: {self.s_per_mm2:.2f} s/mm2 ({tissue_rate}), "
+            f"{self.tiles_run} tiles run, "
             f"{self.tiles_skipped} skipped, {self.tiles_per_s:.2f} tiles/s, "
             f"{self.provider.removesuffix('ExecutionProvider')}, model {self.model_name} "
             f"-> {self.output_path}"

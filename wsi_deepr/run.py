@@ -60,6 +60,8 @@ def refocus_slide(
     workers: int | None = None,
     progress: bool = False,
     resume: bool = False,
+    only_blurred: float | None = None,
+    qc: bool = False,
 ) -> Report:
     """Refocus a slide with a Deep-R generator and write an OME-Zarr pyramid.
 
@@ -103,6 +105,12 @@ def refocus_slide(
         it stored are kept, only the rest is computed, and the result equals an
         uninterrupted run's bit for bit. A finished ``output`` is left as it is and its
         report returned; a missing one is started afresh.
+    only_blurred : float, optional
+        Run the model only on tiles over blurred tissue: focus score below minus this
+        many stops (:mod:`wsi_deepr.focus`); writes the input focus map and PNG.
+    qc : bool
+        Also estimate the defocus, map the output's focus and check the output against
+        the input (:mod:`wsi_deepr.qc`).
 
     Returns
     -------
@@ -166,6 +174,14 @@ def refocus_slide(
         )
         if not tissue_mask:
             plan = dataclasses.replace(plan, tissue=np.ones_like(plan.tissue))
+        focus_qc = None
+        if qc or only_blurred is not None:
+            from wsi_deepr.qc import RunQc
+
+            focus_qc = RunQc.start(
+                slide, mask, na=card.objective_na, blur_stops=only_blurred, full=qc
+            )
+            plan = focus_qc.select(plan) if only_blurred is not None else plan
         tissue_mm2 = float(mask.mean()) * slide.area_mm2 if mask.size else 0.0
         prepared_s = time.perf_counter() - started
         LOG.info(
@@ -197,6 +213,8 @@ def refocus_slide(
             "chunk_px": chunk,
             "mpp": mpp,
             "strict": strict,
+            "only_blurred": only_blurred,
+            "qc": qc,
         }
         normalization = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
         provenance: dict[str, Any] = {
@@ -252,6 +270,7 @@ def refocus_slide(
             compute=compute,
         )  # fmt: skip
 
+    qc_summary = focus_qc.finish(out, plan, level0_path=layout.level_paths[0]) if focus_qc else {}
     seconds = time.perf_counter() - started
     report = Report(
         input_path=str(slide.path),
@@ -277,7 +296,8 @@ def refocus_slide(
         extra={"levels": [list(s) for s in layout.level_shapes], "chunk_px": chunk,
                "batch_size": batch_size, "report": REPORT_NAME,
                "chunks_total": graph.n_chunks, "chunks_reused": len(done),
-               "chunks_computed": len(blocks), "tiles_run_now": tiles_run_now},
+               "chunks_computed": len(blocks), "tiles_run_now": tiles_run_now,
+               **({"focus_qc": qc_summary} if qc_summary else {})},
     )  # fmt: skip
     provenance["timings"] = {
         "prepare_s": prepared_s,

@@ -25,6 +25,7 @@ from skimage import morphology
 from skimage.filters import threshold_otsu
 
 from wsi_deepr.errors import InputError
+from wsi_deepr.readers.base import MAX_FLOAT_VALUE
 from wsi_deepr.slide import Slide
 
 LOG = logging.getLogger("wsi_deepr")
@@ -35,9 +36,6 @@ bound is background noise; above the high bound Otsu is splitting tissue from ti
 field of view with no background), so everything above it is tissue."""
 MIN_CONTRAST = 0.02
 """Fluorescence intensity range (fraction of full scale) below which the slide is blank."""
-MAX_FLOAT_VALUE = float(np.finfo(np.float32).max) / 16
-"""Largest pixel magnitude the float32 model path takes with room for normalising and
-blending (float64 slides can hold more)."""
 
 
 _THUMBNAILS: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -182,7 +180,8 @@ def intensity_stats(slide: Slide, mask: np.ndarray | None) -> tuple[np.ndarray, 
     Raises
     ------
     InputError
-        Float pixel values beyond :data:`MAX_FLOAT_VALUE`: the model works in float32.
+        Float pixel values beyond :data:`~wsi_deepr.readers.base.MAX_FLOAT_VALUE`: the
+        model works in float32.
     """
     image = _thumbnail(slide)
     peak = float(np.abs(image).max()) if image.size and image.dtype.kind == "f" else 0.0

@@ -160,7 +160,7 @@ def _remove_old(out: Path) -> None:
         try:
             shutil.rmtree(out)
         except OSError as exc:
-            raise OutputError(out, f"cannot remove the old store: {exc.strerror}") from exc
+            raise OutputError(out, f"cannot remove the old store: {exc.strerror or exc}") from exc
 
 
 def level_shapes(shape: tuple[int, int, int]) -> list[tuple[int, int, int]]:

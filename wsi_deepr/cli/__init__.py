@@ -32,6 +32,7 @@ class _Group(click.Group):
         "export": ("export", "export"),
         "evaluate": ("evaluate", "evaluate"),
         "pairs": ("pairs", "pairs"),
+        "qc": ("qc", "qc"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -146,13 +147,28 @@ def usage_error(exc: click.UsageError) -> OptionError:
 
 
 def internal_error(exc: BaseException) -> InternalError:
-    """An unexpected exception as one line: what it was, and how to report it."""
+    """An unexpected exception as one line: what it was, and what to do.
+
+    Parameters
+    ----------
+    exc : BaseException
+        Anything that is not a :class:`WsiDeeprError` (a bug, or the machine failing).
+
+    Returns
+    -------
+    InternalError
+        ``out of memory: ...`` for a :class:`MemoryError`, else ``internal error: ...``.
+    """
     lines = str(exc).strip().splitlines()
-    detail = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    detail = lines[0][:300] if lines else ""
     if isinstance(exc, MemoryError):
-        return InternalError("wsi-deepr", "out of memory", hint="try a smaller --batch-size")
+        return InternalError(
+            "out of memory",
+            detail or "an allocation failed",
+            hint="try a smaller --tile-px or --batch-size, or a machine with more memory",
+        )
     return InternalError(
-        "wsi-deepr",
-        f"internal error ({detail})",
-        hint="rerun with --debug for the traceback and report it",
+        "internal error",
+        f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__,
+        hint="a bug in wsi-deepr: rerun with --debug and report the traceback",
     )

@@ -35,7 +35,7 @@ LOG = logging.getLogger("wsi_deepr")
 @click.option("--mpp", type=float, default=None,
               help="Pixel size in micrometres per pixel, overriding the file's.")  # fmt: skip
 @click.option("--strict", is_flag=True,
-              help="Refuse a slide whose pixel size lies outside the model's range.")  # fmt: skip
+              help="Refuse a slide outside the model card's pixel sizes or modality.")  # fmt: skip
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="Tiles per model call [default: 1 on the CPU, 8 on a GPU].")  # fmt: skip
 @click.option("--chunk-px", type=click.IntRange(min=1), default=None,
@@ -43,6 +43,12 @@ LOG = logging.getLogger("wsi_deepr")
               "near 2048].")  # fmt: skip
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Local worker threads [default: from the cores].")  # fmt: skip
+@click.option("--only-blurred", "only_blurred", type=click.FloatRange(min=0, min_open=True),
+              is_flag=False, flag_value=2.5, default=None, metavar="[STOPS]",
+              help="Refocus only tiles over blurred tissue: focus score below -STOPS "
+                   "[2.5]; writes the focus map.")  # fmt: skip
+@click.option("--qc", is_flag=True,
+              help="Write focus maps (input, output), defocus map, focus_map.png.")  # fmt: skip
 @click.option("--overwrite", is_flag=True, help="Replace an existing output store.")
 @click.option("--resume", is_flag=True,
               help="Continue an interrupted run in OUTPUT, computing only the rest.")  # fmt: skip
@@ -62,6 +68,8 @@ def run(
     batch_size: int | None,
     chunk_px: int | None,
     workers: int | None,
+    only_blurred: float | None,
+    qc: bool,
     overwrite: bool,
     resume: bool,
     quiet: bool,
@@ -93,6 +101,8 @@ def run(
         chunk_px=chunk_px,
         workers=workers,
         resume=resume,
+        only_blurred=only_blurred,
+        qc=qc,
         progress=not quiet and sys.stderr.isatty(),
     )
     if not quiet:

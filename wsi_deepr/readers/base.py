@@ -30,6 +30,9 @@ MPP_MAX_UM = 100.0
 """Largest credible pixel size (micrometres per pixel)."""
 CHUNK_PX = 1024
 """Edge of level-0 Dask chunks in y and x."""
+MAX_FLOAT_VALUE = float(np.finfo(np.float32).max) / 16
+"""Largest pixel magnitude the float32 model path takes with room for normalising and
+blending (float64 slides can hold more)."""
 THUMBNAIL_MAX_PX = 2048
 """Longest side of the thumbnail used for tissue detection and statistics."""
 
@@ -162,6 +165,15 @@ class RegionSource(ABC):
             )
         if block.dtype.kind == "f" and not np.isfinite(block).all():
             raise InputError(self.path, f"NaN or infinite pixel values at {region}")
+        if block.dtype.kind == "f" and block.dtype.itemsize > 4 and block.size:
+            peak = float(np.abs(block).max())
+            if peak > MAX_FLOAT_VALUE:
+                raise InputError(
+                    self.path,
+                    f"pixel values at {region} reach {peak:.3g}; the model works in float32 "
+                    f"and takes values up to {MAX_FLOAT_VALUE:.1e}",
+                    hint="rescale the image",
+                )
         return np.ascontiguousarray(block[cs], dtype=self.dtype)
 
 

@@ -1,0 +1,211 @@
+"""Focus map of a slide: a no-reference sharpness score per cell, and where it is blurred.
+
+The score is spectral. Each cell of a regular grid on level 0 is the centre of a window
+twice its size (Hann-tapered, mean removed); the window's power spectrum is averaged over
+two annuli in physical frequency: a *low* band (0.05-0.15 cycles/um, structure that
+defocus of a few micrometres keeps) and a *high* band (0.25-0.5 cycles/um, detail that a
+defocus of 2 um at NA 0.75 already removes). Their ratio measures fine detail relative to
+the cell's own contrast, so stain strength and brightness cancel.
+
+Calibration on in-focus tissue: the ratio of in-focus tissue varies with what the tissue
+is (about 1.5 stops between the 5th and 50th percentile on CMU-1), so it is compared with
+the same slide's own tissue. The *reference* is the 60th percentile of the log2 ratio over
+all tissue cells; the focus score is ``log2(ratio) - reference`` in stops: 0 is typical
+in-focus tissue of this slide, -1 half its relative fine detail. This assumes that most of
+the tissue is in focus (with up to about half of it blurred, the reference still falls on
+sharp tissue); a slide blurred everywhere scores 0 everywhere and is not flagged.
+:data:`DEFAULT_BLUR_STOPS` flags cells scoring below -2.5 stops (a sixth of the detail).
+``pipelines/calibrate_focus.py`` measured where that falls on four real H&E images
+(CMU-1 at 0.499 um/px, three OpenSlide crops at 0.227-0.346 um/px) blurred uniformly at
+NA 0.75: in focus 0-1.9% of cells flagged, 0.5 um 0-6.8%, 1 um 1-28%, 1.5 um 70-79%,
+2 um and beyond 99-100%. The default thus means "more than about 1.5 um out of focus".
+
+The band powers come from :func:`wsi_deepr.spectra.scan_slide`, whose same pass also
+measures the spectra for :mod:`wsi_deepr.defocus_estimate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy import ndimage
+
+from wsi_deepr.spectra import SlideSpectra
+from wsi_deepr.tiling import TilePlan
+
+LOG = logging.getLogger("wsi_deepr")
+
+REFERENCE_PERCENTILE = 60.0
+"""Percentile of the tissue cells' log2 band ratio taken as in-focus reference."""
+DEFAULT_BLUR_STOPS = 2.5
+"""A cell is blurred when its score is below minus this many stops (fine detail down to
+less than a sixth of the slide's in-focus tissue)."""
+MIN_CONTRAST = 1e-3
+"""Cells whose low-band power is below this fraction of the tissue median are not judged
+(glass inside the tissue outline, empty lumina): nothing there to refocus."""
+
+
+@dataclass(frozen=True, slots=True)
+class FocusMap:
+    """Focus score on a regular grid of cells over level 0."""
+
+    cell_px: int
+    """Edge of one cell in level-0 pixels (cell ``(i, j)`` starts at ``(i, j) * cell_px``)."""
+    mpp: float
+    """Level-0 pixel size in micrometres."""
+    score: np.ndarray
+    """``(ny, nx)`` float32 focus score in stops (NaN where not judged)."""
+    tissue: np.ndarray
+    """``(ny, nx)`` bool: the cell lies on tissue (thumbnail mask, at least half)."""
+    reference_log2: float
+    """log2 band ratio of the slide's in-focus tissue (the score's zero)."""
+
+    @property
+    def judged(self) -> np.ndarray:
+        """Cells with a score (tissue with enough contrast)."""
+        return np.isfinite(self.score)
+
+    def blurred(self, blur_stops: float = DEFAULT_BLUR_STOPS) -> np.ndarray:
+        """``(ny, nx)`` bool: judged cells scoring below ``-blur_stops``."""
+        with np.errstate(invalid="ignore"):
+            return np.asarray(self.judged & (self.score < -blur_stops), dtype=bool)
+
+    def summary(self, blur_stops: float = DEFAULT_BLUR_STOPS) -> dict[str, float | int | None]:
+        """JSON-ready figures: cells, blurred fraction of judged tissue, score percentiles."""
+        judged = self.score[self.judged]
+        blurred = self.blurred(blur_stops)
+        return {
+            "cell_px": self.cell_px,
+            "cell_um": self.cell_px * self.mpp,
+            "blur_stops": blur_stops,
+            "reference_log2": self.reference_log2,
+            "cells_tissue": int(self.tissue.sum()),
+            "cells_judged": int(judged.size),
+            "cells_blurred": int(blurred.sum()),
+            "blurred_fraction": float(blurred.sum() / judged.size) if judged.size else 0.0,
+            "blurred_mm2": float(blurred.sum()) * (self.cell_px * self.mpp * 1e-3) ** 2,
+            "score_p05": _percentile(judged, 5),
+            "score_p50": _percentile(judged, 50),
+        }
+
+
+def focus_map(spectra: SlideSpectra, *, reference_log2: float | None = None) -> FocusMap:
+    """Focus score from a slide's band ratios, referenced to its own tissue.
+
+    Parameters
+    ----------
+    spectra : SlideSpectra
+        From :func:`scan_slide`.
+    reference_log2 : float, optional
+        Use this zero instead of the slide's own (e.g. the input's, for a refocused
+        output, so both maps are on one scale).
+
+    Returns
+    -------
+    FocusMap
+        Median-filtered (3 x 3 cells, judged cells only) score in stops.
+    """
+    tissue = spectra.tissue
+    contrast = spectra.low_power
+    ratio = spectra.log2_ratio
+    finite = np.isfinite(ratio) & tissue
+    if not finite.any():
+        empty = np.full(ratio.shape, np.nan, dtype=np.float32)
+        return FocusMap(spectra.cell_px, spectra.mpp, empty, tissue, float("nan"))
+    floor = MIN_CONTRAST * float(np.median(contrast[finite]))
+    judged = finite & (contrast > floor)
+    if reference_log2 is None:
+        reference = float(np.percentile(ratio[judged], REFERENCE_PERCENTILE))
+    else:
+        reference = float(reference_log2)
+    raw = np.where(judged, ratio - reference, np.nan).astype(np.float32)
+    return FocusMap(spectra.cell_px, spectra.mpp, _nan_median3(raw), tissue, reference)
+
+
+def _nan_median3(values: np.ndarray) -> np.ndarray:
+    """3 x 3 median over finite neighbours; NaN cells stay NaN."""
+    padded = np.pad(values, 1, constant_values=np.nan)
+    stack = sliding_window_view(padded, (3, 3)).reshape(*values.shape, 9)
+    with np.errstate(all="ignore"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            smoothed = np.nanmedian(stack, axis=-1)
+    return np.where(np.isfinite(values), smoothed, np.nan).astype(np.float32)
+
+
+def tiles_needing_model(
+    fmap: FocusMap,
+    plan: TilePlan,
+    *,
+    blur_stops: float = DEFAULT_BLUR_STOPS,
+    grow_cells: int = 1,
+) -> np.ndarray:
+    """Tiles whose footprint holds blurred cells, for ``run --only-blurred``.
+
+    Parameters
+    ----------
+    fmap : FocusMap
+        The input's focus map.
+    plan : TilePlan
+        The run's tiles.
+    blur_stops : float
+        A cell is blurred below a score of ``-blur_stops``.
+    grow_cells : int
+        Blurred regions are grown by this many cells first: cells at a region's edge mix
+        sharp and blurred pixels in their window and score in between.
+
+    Returns
+    -------
+    ndarray of bool, shape (ny_tiles, nx_tiles)
+        ``True`` for tiles to send through the model; AND it into ``plan.tissue``.
+    """
+    blurred = fmap.blurred(blur_stops)
+    if grow_cells > 0 and blurred.any():
+        blurred = ndimage.binary_dilation(blurred, iterations=grow_cells)
+    table = np.zeros((blurred.shape[0] + 1, blurred.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = blurred.cumsum(0).cumsum(1)
+    tile_h, tile_w = plan.tile_hw
+    # Only where a tile's blending weight is non-zero does its output count.
+    margin = plan.grid.margin_px
+
+    def span(origins: np.ndarray, tile: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.clip((origins + margin) // fmap.cell_px, 0, n)
+        hi = np.clip(-(-(origins + tile - margin) // fmap.cell_px), 0, n)
+        return lo, np.maximum(hi, lo)
+
+    y0, y1 = span(plan.origins_y, tile_h, blurred.shape[0])
+    x0, x1 = span(plan.origins_x, tile_w, blurred.shape[1])
+    count = (
+        table[y1[:, None], x1[None, :]]
+        - table[y0[:, None], x1[None, :]]
+        - table[y1[:, None], x0[None, :]]
+        + table[y0[:, None], x0[None, :]]
+    )
+    return np.asarray(count > 0, dtype=bool)
+
+
+def upsample_cells(cells: np.ndarray, cell_px: int, shape_yx: tuple[int, int]) -> np.ndarray:
+    """A cell map repeated to level-0 pixels (cropped to ``shape_yx``)."""
+    big = np.repeat(np.repeat(cells, cell_px, axis=0), cell_px, axis=1)
+    return big[: shape_yx[0], : shape_yx[1]]
+
+
+def _percentile(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if values.size else None
+
+
+def coarse_of(fine: np.ndarray) -> np.ndarray:
+    """A fine-cell map reduced 2 x 2 to the coarse grid (mean of finite values)."""
+    ny, nx = fine.shape
+    my, mx = math.ceil(ny / 2), math.ceil(nx / 2)
+    padded = np.full((2 * my, 2 * mx), np.nan, dtype=np.float64)
+    padded[:ny, :nx] = fine
+    blocks = padded.reshape(my, 2, mx, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.asarray(np.nanmean(blocks, axis=(1, 3)), dtype=np.float32)
