@@ -67,6 +67,31 @@ def make_scale_model(path: str | Path, *, factor: float = 2.0, channels: int = 1
     return _save(Path(path), [node], channels, initializers=[const])
 
 
+def make_slow_identity_model(path: str | Path, *, rounds: int = 8, channels: int = 3) -> Path:
+    """``output = input`` exactly, after ``rounds`` matrix products per tile whose result
+    is multiplied by zero: a model that takes time (for tests that must act mid-run) but
+    whose output does not depend on thread counts or summation order.
+
+    ``z = tanh(x @ x^T)``, then ``rounds`` times ``z = tanh(z @ z)`` (bounded, so never
+    inf or NaN); ``output = input + 0 * mean(z)``.
+    """
+    nodes = [
+        helper.make_node("Transpose", ["input"], ["xt"], perm=[0, 1, 3, 2]),
+        helper.make_node("MatMul", ["input", "xt"], ["m0"]),
+        helper.make_node("Tanh", ["m0"], ["z0"]),
+    ]
+    for k in range(rounds):
+        nodes.append(helper.make_node("MatMul", [f"z{k}", f"z{k}"], [f"m{k + 1}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{k + 1}"], [f"z{k + 1}"]))
+    nodes += [
+        helper.make_node("ReduceMean", [f"z{rounds}"], ["mean"], axes=[2, 3], keepdims=1),
+        helper.make_node("Mul", ["mean", "zero"], ["nothing"]),
+        helper.make_node("Add", ["input", "nothing"], ["output"]),
+    ]
+    zero = numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero")
+    return _save(Path(path), nodes, channels, initializers=[zero])
+
+
 def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) -> Path:
     """A stack of dense 3x3 convolutions that smooth (RGB in and out), with real cost.
 

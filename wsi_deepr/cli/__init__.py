@@ -25,6 +25,7 @@ class _Group(click.Group):
 
     lazy: ClassVar[dict[str, tuple[str, str]]] = {
         "run": ("run", "run"),
+        "batch": ("batch", "batch"),
         "info": ("info", "info"),
         "demo": ("demo", "demo"),
         "train": ("train", "train"),
