@@ -67,7 +67,9 @@ def make_scale_model(path: str | Path, *, factor: float = 2.0, channels: int = 1
     return _save(Path(path), [node], channels, initializers=[const])
 
 
-def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) -> Path:
+def make_slow_model(
+    path: str | Path, *, width: int = 16, n_layers: int = 12, metadata=None
+) -> Path:
     """A stack of dense 3x3 convolutions that smooth (RGB in and out), with real cost.
 
     About ``9 x width^2 x n_layers`` multiply-adds per pixel, like a small U-Net, so a
@@ -86,4 +88,4 @@ def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) ->
                 "Conv", [source, f"w{k}"], [target], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
             )
         )
-    return _save(Path(path), nodes, 3, initializers=initializers)
+    return _save(Path(path), nodes, 3, initializers=initializers, metadata=metadata)

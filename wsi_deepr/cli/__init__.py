@@ -28,6 +28,7 @@ class _Group(click.Group):
         "train": ("train", "train"),
         "export": ("export", "export"),
         "evaluate": ("evaluate", "evaluate"),
+        "quantize": ("quantize", "quantize"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
