@@ -282,6 +282,10 @@ def quantize_model(
     tmp = out_path.with_suffix(".tmp.onnx")
     named = out_path.with_suffix(".named.onnx")
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    root_level = root.level
+    # ORT's quantiser logs advice and int64 shape tensors it skips as root warnings
+    root.setLevel(max(root_level, logging.ERROR))
     try:
         onnx.save(full, str(named))
         q.quantize_static(
@@ -302,6 +306,7 @@ def quantize_model(
     except OSError as exc:
         raise OutputError(out_path, f"cannot write: {exc.strerror}") from None
     finally:
+        root.setLevel(root_level)
         for path in (tmp, named):
             path.unlink(missing_ok=True)
             Path(str(path) + ".data").unlink(missing_ok=True)
