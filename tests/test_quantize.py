@@ -84,3 +84,22 @@ def test_calibration_tiles_are_train_split_normalised_as_a_run(
     # slide-level normalisation over the tissue: close to zero mean, unit variance
     assert np.all(np.abs(tiles.mean(axis=(2, 3))) < 1.0)
     assert np.all((tiles.std(axis=(2, 3)) > 0.3) & (tiles.std(axis=(2, 3)) < 3.0))
+
+
+@pytest.mark.skipif(not (DATA / "he").is_dir(), reason="needs ../shared/data/he")
+def test_cli_writes_variant_and_refuses_to_overwrite(tiny: Path, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from wsi_deepr.cli import cli
+
+    out = tmp_path / "v.onnx"
+    args = ["quantize", str(tiny), str(out), "--data-dir", str(DATA), "--tiles", "2",
+            "--tile-px", "64", "--no-check"]  # fmt: skip
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["variant"]["precision"] == "int8"
+    assert card["variant"]["calibration"]["tiles"] == 2
+    assert "train split" in card["variant"]["calibration"]["data"]
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code != 0 and "exists" in str(again.exception)
