@@ -347,7 +347,9 @@ def quantize_model(
     return save_with_card(quantized, values, out_path)
 
 
-def record_quality(variant_path: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def record_quality(
+    variant_path: Path, rows: list[dict[str, Any]], *, how: str = "quick held-out subset"
+) -> dict[str, Any]:
     """Record :func:`compare_with_full`'s rows in a variant's card (``validation``).
 
     Rewrites the model file (its ``metadata_props``) and its card; returns the card.
@@ -359,7 +361,7 @@ def record_quality(variant_path: Path, rows: list[dict[str, Any]]) -> dict[str, 
     values, _ = card_values(variant_path)
     values["validation"] = {
         "vs_full": rows,
-        "how": "wsi_deepr.quantize.compare_with_full: quick held-out subset of the evaluation",
+        "how": f"wsi_deepr.quantize.compare_with_full: {how} of the evaluation",
     }
     return save_with_card(onnx.load(str(variant_path)), values, variant_path)
 
