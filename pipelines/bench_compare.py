@@ -16,15 +16,19 @@ d. MONAI ``sliding_window_inference`` with Gaussian blending over the same ONNX 
 e. ``wsi-deepr run SLIDE OUT.zarr`` with no tuning flags (default model, tile, overlap),
    at every size.
 
-It prints s/mm2, tiles/s and peak RSS of each, the ratios (a)/(b), (c)/(a), (d)/(a),
-(c)/(e) at the first size, and the model's achieved GFLOP/s (MACs counted from the ONNX
-graph, :func:`wsi_deepr.model_cost.count_macs`) against numpy's sgemm GFLOP/s with as many
-threads as the run uses. The rows also go to ``--json`` (default ``WORKDIR/compare.json``).
+It prints s/mm2, tiles/s and peak RSS of each (and CPU seconds per mm2 of all threads: a
+guide on a shared machine, though the spinning ORT thread pools of c and d count as work),
+the ratios (a)/(b), (c)/(a), (d)/(a), (c)/(e) at the first size, and the model's achieved
+GFLOP/s (MACs counted from the ONNX graph, :func:`wsi_deepr.model_cost.count_macs`)
+against numpy's sgemm GFLOP/s with as many threads as the run uses. The rows also go to
+``--json`` (default ``WORKDIR/compare.json``).
 
     python pipelines/bench_compare.py --sizes 8192 16384 --model models/deepr-he-20x.onnx
     python pipelines/bench_compare.py --sizes 2048 3072 --max-pure-tiles 16   # smoke run
 
-``--only a,b`` runs a subset. MONAI needs the ``bench`` extra (``pip install -e '.[bench]'``).
+``--variant MODEL`` (with ``--variant-tile-px``) adds (v): wsi-deepr with another model,
+e.g. an int8 variant, and the ratio (c)/(v). ``--only ab`` runs a subset. MONAI needs the
+``bench`` extra (``pip install -e '.[bench]'``).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from bench_run import (  # a sibling script, not a package
     MPP,
     child_pure,
     child_run,
+    cpu_seconds,
     default_model,
     make_slide,
     peak_rss_mb,
@@ -106,6 +111,7 @@ def child_naive(slide: str, out: str, model: str, tile_px: int, overlap_px: int)
     _save_rgb(out, rgb)
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "tiles_run": tiles, "peak_rss_mb": peak_rss_mb(),
+                      "cpu_seconds": cpu_seconds(),
                       "area_mm2": width * height * MPP**2 / 1e6}))  # fmt: skip
 
 
@@ -147,6 +153,7 @@ def child_monai(
     _save_rgb(out, rgb)
     seconds = time.perf_counter() - started
     print(json.dumps({"seconds": seconds, "tiles_run": tiles[0], "peak_rss_mb": peak_rss_mb(),
+                      "cpu_seconds": cpu_seconds(),
                       "area_mm2": width * height * MPP**2 / 1e6}))  # fmt: skip
 
 
@@ -158,6 +165,7 @@ def child_defaults(slide: str, out: str) -> None:
     main(["run", slide, out, "--overwrite", "--quiet"])
     values = Report.read(Path(out) / "report.json").to_dict()
     values["peak_rss_mb"] = peak_rss_mb()
+    values["cpu_seconds"] = cpu_seconds()
     print(json.dumps(values))
 
 
@@ -224,8 +232,10 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
         if "b" in only and index == 0 and run_first is not None:
             n = min(run_first["tiles_run"], args.max_pure_tiles)
             pure = _child("pure", str(model), str(n), tile, str(run_first["extra"]["batch_size"]))
-            seconds = pure["seconds"] * run_first["tiles_run"] / pure["tiles"]
+            scale = run_first["tiles_run"] / pure["tiles"]
+            seconds = pure["seconds"] * scale
             rows.append(_rates({"contender": "b", **common, **pure, "seconds": seconds,
+                                "cpu_seconds": pure["cpu_seconds"] * scale,
                                 "tiles_run": run_first["tiles_run"], "tiles_timed": pure["tiles"],
                                 "area_mm2": run_first["area_mm2"]}))  # fmt: skip
             print(_line(rows[-1]), flush=True)
@@ -243,6 +253,11 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
             row = _child("defaults", slide, str(workdir / f"e_{size}.zarr"))
             rows.append({"contender": "e", **common, **row})
             print(_line(rows[-1]), flush=True)
+        if args.variant:
+            row = _child("run", slide, str(workdir / f"v_{size}.zarr"), str(args.variant),
+                         str(args.variant_tile_px or args.tile_px), overlap)  # fmt: skip
+            rows.append({"contender": "v", **common, **row})
+            print(_line(rows[-1]), flush=True)
 
     threads = (run_first["workers"] * run_first["ort_threads"]) if run_first else os.cpu_count()
     env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -250,7 +265,8 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
     sgemm = _child("sgemm", str(args.sgemm_size), "3", env=env)
     first = {r["contender"]: r for r in rows if r["size_px"] == args.sizes[0]}
     ratios = {}
-    for name, (num, den) in {"a/b": "ab", "c/a": "ca", "d/a": "da", "c/e": "ce"}.items():
+    pairs = {"a/b": "ab", "c/a": "ca", "d/a": "da", "c/e": "ce", "c/v": "cv"}
+    for name, (num, den) in pairs.items():
         if num in first and den in first:
             ratios[name] = first[num]["s_per_mm2"] / first[den]["s_per_mm2"]
     flop_per_tile = 2.0 * cost.macs
@@ -261,6 +277,8 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
     }
     return {
         "model": str(model),
+        "variant": str(args.variant) if args.variant else None,
+        "variant_tile_px": args.variant_tile_px or args.tile_px,
         "tile_px": args.tile_px,
         "overlap_px": args.overlap_px,
         "mpp": MPP,
@@ -280,6 +298,7 @@ NAMES = {
     "c": "c naive loop",
     "d": "d MONAI sliding window",
     "e": "e wsi-deepr defaults",
+    "v": "v wsi-deepr run, variant",
 }
 
 
@@ -290,6 +309,7 @@ def _line(row: dict[str, Any]) -> str:
         f"{row['tiles_run']:5d} tiles  {row['seconds']:8.1f} s  {row['s_per_mm2']:7.2f} s/mm2  "
         f"{row['tiles_per_s']:6.2f} tiles/s  peak RSS "
         + (f"{rss:7.0f} MB" if rss is not None else "      - ")
+        + f"  (CPU {row['cpu_seconds'] / row['area_mm2']:.2f} s/mm2)"
     )
 
 
@@ -318,6 +338,18 @@ def main() -> None:
     parser.add_argument("--overlap-px", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--only", default=CONTENDERS, help="contenders to run, e.g. abc")
+    parser.add_argument(
+        "--variant",
+        type=Path,
+        default=None,
+        help="also run wsi-deepr with this model (v), e.g. an int8 variant",
+    )
+    parser.add_argument(
+        "--variant-tile-px",
+        type=int,
+        default=None,
+        help="tile of the variant's run (default --tile-px)",
+    )
     parser.add_argument("--max-pure-tiles", type=int, default=400)
     parser.add_argument("--sgemm-size", type=int, default=4096)
     parser.add_argument("--json", type=Path, default=None)

@@ -188,6 +188,7 @@ def child_run(slide: str, out: str, model: str, tile_px: int, overlap_px: int) -
                            overwrite=True, device="auto")  # fmt: skip
     values = report.to_dict()
     values["peak_rss_mb"] = peak_rss_mb()
+    values["cpu_seconds"] = cpu_seconds()
     print(json.dumps(values))
 
 
@@ -221,6 +222,16 @@ def child_pure(model: str, n_tiles: int, tile_px: int, batch_size: int) -> None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB (Linux ``ru_maxrss`` is KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all threads.
+
+    On a shared machine this shows the work far better than the wall time (but spinning
+    ONNX Runtime thread pools count as work).
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_child(
