@@ -174,23 +174,37 @@ def calibration_tiles(
     return tiles
 
 
-class _TileReader:
-    """ONNX Runtime's CalibrationDataReader over an array of tiles, one per call."""
+def tile_reader(input_name: str, tiles: NDArray[np.float32]) -> Any:
+    """An ONNX Runtime ``CalibrationDataReader`` feeding ``tiles`` one at a time.
 
-    def __init__(self, input_name: str, tiles: NDArray[np.float32]) -> None:
-        self.input_name = input_name
-        self.tiles = tiles
-        self._next: Iterator[dict[str, NDArray[np.float32]]] = self._feeds()
+    Parameters
+    ----------
+    input_name : str
+        The model's input tensor.
+    tiles : ndarray of shape (n, c, y, x), float32
+        Normalised tiles (:func:`calibration_tiles`).
 
-    def _feeds(self) -> Iterator[dict[str, NDArray[np.float32]]]:
-        for tile in self.tiles:
-            yield {self.input_name: tile[None]}
+    Returns
+    -------
+    onnxruntime.quantization.CalibrationDataReader
+    """
+    from onnxruntime.quantization import CalibrationDataReader
 
-    def get_next(self) -> dict[str, NDArray[np.float32]] | None:
-        return next(self._next, None)
+    class TileReader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self._next = self._feeds()
 
-    def rewind(self) -> None:
-        self._next = self._feeds()
+        def _feeds(self) -> Iterator[dict[str, NDArray[np.float32]]]:
+            for tile in tiles:
+                yield {input_name: tile[None]}
+
+        def get_next(self) -> dict[str, NDArray[np.float32]] | None:
+            return next(self._next, None)
+
+        def rewind(self) -> None:
+            self._next = self._feeds()
+
+    return TileReader()
 
 
 def _output_nodes(model: Any) -> list[str]:
@@ -291,7 +305,7 @@ def quantize_model(
         q.quantize_static(
             str(named),
             str(tmp),
-            _TileReader(card.input_name, tiles),  # type: ignore[arg-type]
+            tile_reader(card.input_name, tiles),
             quant_format=getattr(q.QuantFormat, settings.quant_format),
             per_channel=settings.per_channel,
             reduce_range=settings.reduce_range,
