@@ -5,7 +5,7 @@
 #
 # Evaluates every shipped model in models/ (each <name>.onnx with its <name>.json card) and,
 # for the training-range trade-off (Fig. 8), any extra generators exported to
-# runs/range-models/*.onnx. Held-out images and bead stacks come from ../shared/data
+# pipelines/range-models/*.onnx. Held-out images and bead stacks come from ../shared/data
 # (override with WSI_DEEPR_DATA). Writes OUT_DIR/index.html (default reports/evaluation)
 # with every number also as CSV/JSON. About 15 minutes for two models on 2 CPU cores.
 set -euo pipefail
@@ -21,13 +21,13 @@ for card in models/*.json; do
         models+=(--model "${card%.json}.onnx")
     fi
 done
-for extra in runs/range-models/*.onnx; do
+for extra in pipelines/range-models/*.onnx; do
     if [ -e "$extra" ]; then
         models+=(--model "$extra")
     fi
 done
 if [ "${#models[@]}" -eq 0 ]; then
-    echo "evaluate_all: no models in models/ or runs/range-models/" >&2
+    echo "evaluate_all: no models in models/ or pipelines/range-models/" >&2
     exit 2
 fi
 

@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import zarr
 from conftest import FLUO_MPP, RGB_MPP
+from hostile_inputs import tiff_with_tile_offset_past_end, truncated_tiff, zero_width_tiff
 from slides import make_jpeg, make_ome_tiff, make_png, make_tiff_slide, synthetic_tissue
 
 from wsi_deepr.errors import (
@@ -426,11 +427,7 @@ def test_format_is_detected_by_content(tmp_path: Path, png_image: Path, tiff_sli
 
 
 # --- hostile input ----------------------------------------------------------------------
-
-
-def _small_tiled_tiff(path: Path, *, compression: str | None = "zlib") -> Path:
-    image = synthetic_tissue((300, 400), seed=10)
-    return make_tiff_slide(path, image, 0.5, tile=64, pyramid=False, compression=compression)
+# The inputs are made in hostile_inputs.py; test_hostile.py runs each through the CLI.
 
 
 @pytest.mark.parametrize(
@@ -467,31 +464,21 @@ def test_missing_path_and_plain_folder(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("keep", [0.5, 0.9, 0.1, 0.01])
 def test_truncated_tiff(tmp_path: Path, keep: float) -> None:
-    whole = _small_tiled_tiff(tmp_path / "whole.tif").read_bytes()
-    path = tmp_path / "cut.tif"
-    path.write_bytes(whole[: int(len(whole) * keep)])
+    path = truncated_tiff(tmp_path / "cut.tif", keep=keep)
     with pytest.raises(InputError) as info:
         open_slide(path).data.compute()
     assert str(path) in str(info.value)
 
 
 def test_tile_offsets_past_end(tmp_path: Path) -> None:
-    path = _small_tiled_tiff(tmp_path / "offsets.tif")
-    size = path.stat().st_size
-    with tifffile.TiffFile(path, mode="r+b") as tif:
-        tag = tif.pages[0].tags["TileOffsets"]
-        offsets = list(tag.value)
-        offsets[3] = size + 10_000
-        tag.overwrite(offsets)
+    path = tiff_with_tile_offset_past_end(tmp_path / "offsets.tif")
     with pytest.raises(InputError, match=r"end of|past|truncated|bytes") as info:
         open_slide(path)
     assert str(path) in str(info.value)
 
 
 def test_zero_sized_image(tmp_path: Path) -> None:
-    path = _small_tiled_tiff(tmp_path / "zero.tif", compression=None)
-    with tifffile.TiffFile(path, mode="r+b") as tif:
-        tif.pages[0].tags["ImageWidth"].overwrite(0)
+    path = zero_width_tiff(tmp_path / "zero.tif")
     with pytest.raises(InputError) as info:
         open_slide(path)
     assert str(path) in str(info.value)

@@ -112,7 +112,9 @@ def test_tissue_plan_marks_tiles_touching_the_mask():
     assert plan.n_run == 1 and plan.n_skipped == plan.n_tiles - 1
 
 
-@pytest.mark.parametrize(("tile_px", "overlap_px"), [(512, 256), (512, 300), (0, 0), (16, -1)])
+@pytest.mark.parametrize(
+    ("tile_px", "overlap_px"), [(512, 256), (512, 300), (0, 0), (16, -1), (8193, 0)]
+)
 def test_contradicting_options_are_refused(tile_px, overlap_px):
     with pytest.raises(OptionError):
         TileGrid(tile_px, overlap_px)

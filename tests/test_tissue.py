@@ -92,6 +92,17 @@ def test_fluorescence_mask_covers_the_signal(tmp_path: Path) -> None:
     assert mask[dark].mean() < 0.5
 
 
+def test_signed_fluorescence_below_zero_gets_a_mask(tmp_path: Path) -> None:
+    """int16 with most values negative (an offset-subtracted camera): the log-Otsu threshold
+    measures from the image's floor instead of taking the log of negative numbers."""
+    image = synthetic_tissue((600, 500), seed=3, rgb=False, n_channels=2, dtype=np.uint16)
+    signed = (image.astype(np.int32) - 30000).astype(np.int16)
+    slide = open_slide(make_ome_tiff(tmp_path / "s.ome.tif", signed, 0.325))
+    mask = tissue_mask(slide)
+    assert mask[image.max(axis=0) > 0.5 * 65535].mean() > 0.99
+    assert mask[image.max(axis=0) < 0.06 * 65535].mean() < 0.5
+
+
 def test_intensity_stats_are_the_tissue_pixels_moments(tmp_path: Path) -> None:
     image = synthetic_tissue((800, 1100), seed=4)
     slide = open_slide(make_tiff_slide(tmp_path / "s.tif", image, 0.5, pyramid=False))

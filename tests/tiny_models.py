@@ -89,3 +89,32 @@ def make_slow_model(
             )
         )
     return _save(Path(path), nodes, 3, initializers=initializers, metadata=metadata)
+
+
+def make_channel_mean_model(path: str | Path, *, channels: int = 3) -> Path:
+    """``output = mean over channels``: declares ``(n, 1, y, x)`` for ``(n, channels, y, x)``."""
+    path = Path(path)
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", channels, "y", "x"])
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, ["n", 1, "y", "x"])
+    node = helper.make_node("ReduceMean", ["input"], ["output"], axes=[1], keepdims=1)
+    graph = helper.make_graph([node], path.stem, [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def make_unknown_op_model(path: str | Path, *, channels: int = 3) -> Path:
+    """A well-formed ONNX file whose one node is an operator no runtime implements."""
+    path = Path(path)
+    dims: list[Any] = ["n", channels, "y", "x"]
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("output", TensorProto.FLOAT, dims)
+    node = helper.make_node("Refocus", ["input"], ["output"], domain="org.example.nowhere")
+    graph = helper.make_graph([node], path.stem, [x], [y])
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("org.example.nowhere", 1)]
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path

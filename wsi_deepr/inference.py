@@ -237,7 +237,7 @@ class Predictor:
             in_channels=card.in_channels,
             size_multiple=card.size_multiple,
         )
-        get_session(predictor.model_path, provider, threads)
+        check_signature(predictor, get_session(predictor.model_path, provider, threads))
         return predictor
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -279,6 +279,55 @@ class Predictor:
         if y.shape[2] < h or y.shape[3] < w:
             raise ModelError(self.model_path, f"output {y.shape} smaller than input {x.shape}")
         return y[:, :, :h, :w]
+
+
+def check_signature(predictor: Predictor, session: ort.InferenceSession) -> None:
+    """Check the graph's declared input and output against what the predictor will feed.
+
+    A card that contradicts its graph, or a model whose output has another channel count,
+    would otherwise fail only at the first tile, with the output store half written.
+    Dimensions the graph leaves dynamic are not checked.
+
+    Parameters
+    ----------
+    predictor : Predictor
+        Input and output names and the channel count from the model card.
+    session : onnxruntime.InferenceSession
+        The loaded model.
+
+    Raises
+    ------
+    ModelError
+        Unknown input or output name, a non-float32 input, a rank other than 4, or a
+        fixed channel count that differs from the card's.
+    """
+    path = predictor.model_path
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name: o for o in session.get_outputs()}
+    if predictor.input_name not in inputs or predictor.output_name not in outputs:
+        raise ModelError(
+            path,
+            f"expected input {predictor.input_name!r} and output {predictor.output_name!r}, "
+            f"the graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}",
+        )
+    x, y = inputs[predictor.input_name], outputs[predictor.output_name]
+    if x.type != "tensor(float)":
+        raise ModelError(path, f"the model takes {x.type}; wsi-deepr feeds float32 tiles")
+    for tensor in (x, y):
+        if len(tensor.shape) != 4:
+            raise ModelError(path, f"{tensor.name!r} has shape {tensor.shape}, not (n, c, y, x)")
+    in_c, out_c = x.shape[1], y.shape[1]
+    if isinstance(in_c, int) and in_c != predictor.in_channels:
+        raise ModelError(
+            path,
+            f"the ONNX graph takes {in_c} channels but its card says {predictor.in_channels}",
+        )
+    if isinstance(out_c, int) and out_c != predictor.in_channels:
+        raise ModelError(
+            path,
+            f"the model returns {out_c} channel{'s' if out_c != 1 else ''} for "
+            f"{predictor.in_channels} input channels",
+        )
 
 
 def plan_threads(*, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:

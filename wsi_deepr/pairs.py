@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -140,6 +141,15 @@ def list_sources(data_dir: Path, modality: str) -> list[SourceImage]:
     return found
 
 
+def split_key(source: SourceImage) -> float:
+    """A number in [0, 1) from a hash of the source's file name (stable everywhere).
+
+    :func:`split_of` thresholds it; :mod:`wsi_deepr.zstack` ranks fields of view by it.
+    """
+    digest = hashlib.sha256(Path(source.path).name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
 def split_of(
     source: SourceImage, *, test_fraction: float = 0.15, val_fraction: float = 0.15
 ) -> Split:
@@ -158,8 +168,7 @@ def split_of(
     -------
     {"train", "val", "test"}
     """
-    digest = hashlib.sha256(Path(source.path).name.encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
+    u = split_key(source)
     if u < test_fraction:
         return "test"
     if u < test_fraction + (1 - test_fraction) * val_fraction:
@@ -167,7 +176,12 @@ def split_of(
     return "train"
 
 
-def write_split_manifest(sources: list[SourceImage], path: Path) -> dict[str, list[str]]:
+def write_split_manifest(
+    sources: list[SourceImage],
+    path: Path,
+    *,
+    split: Callable[[SourceImage], Split] = split_of,
+) -> dict[str, list[str]]:
     """Write which source file went to which split, as JSON.
 
     Parameters
@@ -176,6 +190,8 @@ def write_split_manifest(sources: list[SourceImage], path: Path) -> dict[str, li
         All sources.
     path : Path
         Where to write the manifest.
+    split : callable, optional
+        The split of a source; :func:`split_of` by default.
 
     Returns
     -------
@@ -184,7 +200,7 @@ def write_split_manifest(sources: list[SourceImage], path: Path) -> dict[str, li
     """
     manifest: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for s in sources:
-        manifest[split_of(s)].append(Path(s.path).name)
+        manifest[split(s)].append(Path(s.path).name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(manifest, indent=1))
     return manifest
@@ -409,18 +425,68 @@ def build_bank(
         source_index[i] = k
         if (i + 1) % 200 == 0:
             LOG.info("bank %s: %d/%d pairs", out_path.name, i + 1, n_pairs)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
+    return write_bank(
+        out_path,
         inputs=inputs,
         targets=targets,
         meta=np.asarray(meta_rows, dtype=np.float32),
         source_index=source_index,
-        sources=np.asarray([s.path for s in chosen]),
-        settings=np.asarray(json.dumps(asdict(settings))),
-        scale=np.float32(scale),
+        sources=[s.path for s in chosen],
+        settings=asdict(settings),
+        scale=scale,
     )
+
+
+def write_bank(
+    out_path: Path,
+    *,
+    inputs: NDArray[Any],
+    targets: NDArray[Any],
+    meta: NDArray[np.float32],
+    source_index: NDArray[np.int32],
+    sources: list[str],
+    settings: dict[str, Any],
+    scale: float,
+    **extra: NDArray[Any],
+) -> Path:
+    """Store pairs as a bank ``.npz`` that :class:`PairBank` reads (atomically, no pickle).
+
+    Parameters
+    ----------
+    out_path : Path
+        The ``.npz`` file to write.
+    inputs, targets : ndarray of shape (N, C, H, W)
+        Integer pairs; ``value / scale`` is the intensity in [0, 1].
+    meta : ndarray of shape (N, 4), float32
+        Per pair: defocus in micrometres, mpp, NA, spherical aberration (NaN: unknown).
+    source_index : ndarray of shape (N,), int32
+        Index into ``sources`` of each pair's field of view.
+    sources : list of str
+        Source files.
+    settings : dict
+        How the pairs were made (stored as JSON).
+    scale : float
+        Integer value of intensity 1.
+    **extra : ndarray
+        Further per-pair arrays kept in the file (ignored by :class:`PairBank`).
+
+    Returns
+    -------
+    Path
+        ``out_path``.
+    """
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp.npz")
+    arrays: dict[str, NDArray[Any]] = {
+        "inputs": inputs,
+        "targets": targets,
+        "meta": meta,
+        "source_index": source_index,
+        "sources": np.asarray(sources, dtype=str),
+        "settings": np.asarray(json.dumps(settings)),
+        "scale": np.asarray(scale, dtype=np.float32),
+    }
+    np.savez(tmp, **(arrays | extra))  # type: ignore[arg-type]  # numpy's stub: allow_pickle
     tmp.replace(out_path)
     return out_path
 
@@ -440,7 +506,7 @@ class PairBank:
 
     @classmethod
     def load(cls, path: Path) -> PairBank:
-        """Read a bank written by :func:`build_bank` (no pickle).
+        """Read a bank written by :func:`write_bank` (no pickle).
 
         Parameters
         ----------

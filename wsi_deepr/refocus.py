@@ -392,7 +392,8 @@ def _partial_chunk(
         def add(i: int, j: int, output: np.ndarray) -> None:
             y, x = int(origins_y[i]), int(origins_x[j])
             weight = weights_y[i][:, None] * weights_x[j][None, :]
-            acc[:, y : y + tile_h, x : x + tile_w] += weight * output
+            output *= weight  # the model's output or a fresh copy: ours to change
+            acc[:, y : y + tile_h, x : x + tile_w] += output
 
         def flush() -> None:
             nonlocal tiles_run
@@ -462,7 +463,9 @@ def _assemble(
 
     ``own_spills`` are ignored: depending on them frees the chunk's task result early.
     """
-    out = core.copy()
+    # The core's margins are overwritten (not added to), so finishing it in place is
+    # safe even if this task runs twice.
+    out = core
     top_px, left_px = top.shape[1], left.shape[2]
     top = top.copy()
     left = left.copy()
@@ -480,7 +483,9 @@ def _assemble(
 
 
 def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """Convert float values to ``dtype``: round, clip to its range for integers.
+    """Convert float values to ``dtype``: round and clip to its range for integers.
+
+    For integer types NaN becomes the type's minimum and infinities its ends.
 
     ``values`` may be modified in place.
 
@@ -498,10 +503,12 @@ def to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     dtype = np.dtype(dtype)
     if dtype.kind in "ui":
         info = np.iinfo(dtype)
-        out = np.nan_to_num(values, copy=False, nan=0.0, posinf=info.max, neginf=info.min)
-        np.rint(out, out=out)
-        np.clip(out, info.min, info.max, out=out)
-        return out.astype(dtype)
+        # fmax/fmin map NaN to the bound (NaN -> minimum, +-inf -> the ends of the range)
+        # in two passes; nan_to_num + clip took four.
+        np.fmax(values, info.min, out=values)
+        np.fmin(values, info.max, out=values)
+        np.rint(values, out=values)
+        return values.astype(dtype)
     if dtype.kind == "b":
         return values >= 0.5
     return values.astype(dtype, copy=False)

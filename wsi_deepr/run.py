@@ -26,6 +26,7 @@ from wsi_deepr.slide import Slide
 from wsi_deepr.tiling import TileGrid, plan_tiles
 from wsi_deepr.writer import (
     REPORT_NAME,
+    check_output_apart,
     check_resumable,
     create_pyramid,
     finish_pyramid,
@@ -125,6 +126,8 @@ def refocus_slide(
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
     if resume and overwrite:
         raise OptionError("--resume", "contradicts --overwrite; pass one of them")
+    if not isinstance(input, Slide):
+        check_output_apart(str(input), str(output))
     out = prepare_output(output, overwrite=overwrite, resume=resume)
     if resume and is_complete(out):
         LOG.info("%s: already complete; nothing to resume", out)

@@ -26,6 +26,9 @@ from wsi_deepr.errors import OptionError
 
 WEIGHT_BITS = 12
 """Fractional bits of the 1-D blending weights (products need 2 x 12 <= 24 bits)."""
+MAX_TILE_PX = 8192
+"""Largest tile edge: one 3-channel float32 tile of 8192 px already takes 805 MB, and a
+chunk task holds several such buffers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +43,13 @@ class TileGrid:
     def __post_init__(self) -> None:
         if self.tile_px < 1:
             raise OptionError("--tile-px", f"must be at least 1, got {self.tile_px}")
+        if self.tile_px > MAX_TILE_PX:
+            tile_gb = 3 * 4 * self.tile_px**2 / 1e9
+            raise OptionError(
+                "--tile-px",
+                f"{self.tile_px} px is above the largest tile of {MAX_TILE_PX} px "
+                f"(one RGB tile would take {tile_gb:.1f} GB in float32)",
+            )
         if self.overlap_px < 0:
             raise OptionError("--overlap-px", f"must be >= 0, got {self.overlap_px}")
         if 2 * self.overlap_px >= self.tile_px:

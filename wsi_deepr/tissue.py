@@ -24,6 +24,7 @@ from scipy import ndimage
 from skimage import morphology
 from skimage.filters import threshold_otsu
 
+from wsi_deepr.errors import InputError
 from wsi_deepr.slide import Slide
 
 LOG = logging.getLogger("wsi_deepr")
@@ -34,6 +35,9 @@ bound is background noise; above the high bound Otsu is splitting tissue from ti
 field of view with no background), so everything above it is tissue."""
 MIN_CONTRAST = 0.02
 """Fluorescence intensity range (fraction of full scale) below which the slide is blank."""
+MAX_FLOAT_VALUE = float(np.finfo(np.float32).max) / 16
+"""Largest pixel magnitude the float32 model path takes with room for normalising and
+blending (float64 slides can hold more)."""
 
 
 _THUMBNAILS: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -41,7 +45,7 @@ _THUMBNAILS_LOCK = threading.Lock()
 
 
 def _thumbnail(slide: Slide) -> np.ndarray:
-    """The thumbnail as float64, computed once for a mask and stats in a row.
+    """The thumbnail in the slide's dtype, computed once for a mask and stats in a row.
 
     A single-level slide's thumbnail is a block mean of all of level 0: worth keeping.
     Keyed by the Dask name, which is derived from the file, level and shape.
@@ -52,7 +56,7 @@ def _thumbnail(slide: Slide) -> np.ndarray:
         if cached is not None:
             _THUMBNAILS.move_to_end(key)
             return cached
-    image = np.asarray(slide.thumbnail.compute(), dtype=np.float64)
+    image = np.asarray(slide.thumbnail.compute())
     image.setflags(write=False)
     with _THUMBNAILS_LOCK:
         _THUMBNAILS[key] = image
@@ -70,13 +74,14 @@ def _full_scale(slide: Slide, image: np.ndarray) -> float:
 
 
 def _brightfield_score(image: np.ndarray, full_scale: float) -> np.ndarray:
-    """HSV saturation (0..1) of an RGB (or grey) thumbnail."""
+    """HSV saturation (0..1) of an RGB (or grey) thumbnail, float32."""
     if image.shape[0] >= 3:
-        rgb = image[:3] / full_scale
-        top = rgb.max(axis=0)
-        return np.where(top > 0, (top - rgb.min(axis=0)) / np.maximum(top, 1e-12), 0.0)
+        # max and min in the pixels' own type: a third of the float traffic
+        top = image[:3].max(axis=0).astype(np.float32)
+        spread = top - image[:3].min(axis=0)
+        return np.divide(spread, top, out=np.zeros_like(top), where=top > 0)
     # grey brightfield: darkness is the signal
-    return 1.0 - image[0] / full_scale
+    return np.float32(1.0) - image[0].astype(np.float32) / np.float32(full_scale)
 
 
 def _cleanup(mask: np.ndarray) -> np.ndarray:
@@ -133,14 +138,17 @@ def tissue_mask(slide: Slide) -> np.ndarray:
         else:
             threshold = min(max(float(threshold_otsu(score)), low), high)
     else:
-        score = ndimage.gaussian_filter(image.max(axis=0) / full_scale, 1.0)
+        score = ndimage.gaussian_filter(image.max(axis=0).astype(np.float64) / full_scale, 1.0)
         lo, hi = np.percentile(score, [1.0, 99.9])
         if hi - lo < MIN_CONTRAST * (1.0 if slide.dtype.kind in "iu" else float(hi or 1.0)):
             return np.zeros(score.shape, dtype=bool)
         # Otsu on log intensity separates dim tissue from the dark background; on linear
         # intensity it splits bright nuclei from dim tissue instead.
-        offset = 1e-3 * float(hi)
-        threshold = float(np.exp(threshold_otsu(np.log(score + offset)))) - offset
+        # Signed images (int16, float) may lie below zero: measure from their floor.
+        floor = min(0.0, float(score.min()))
+        offset = 1e-3 * (float(hi) - floor)
+        log_score = np.log(score - floor + offset)
+        threshold = float(np.exp(threshold_otsu(log_score))) - offset + floor
     mask = _cleanup(score > threshold)
     if slide.modality == "fluorescence" and mask.any():
         # Join nuclei into tissue: close gaps of up to ~20 um.
@@ -170,8 +178,21 @@ def intensity_stats(slide: Slide, mask: np.ndarray | None) -> tuple[np.ndarray, 
     mean, std : ndarray of float64, shape (C,)
         In the slide's pixel units. ``std`` is at least half a grey level for integer
         images (1e-6 of the scale for float ones), so dividing by it is safe.
+
+    Raises
+    ------
+    InputError
+        Float pixel values beyond :data:`MAX_FLOAT_VALUE`: the model works in float32.
     """
     image = _thumbnail(slide)
+    peak = float(np.abs(image).max()) if image.size and image.dtype.kind == "f" else 0.0
+    if peak > MAX_FLOAT_VALUE:
+        raise InputError(
+            slide.path,
+            f"pixel values reach {peak:.3g}; the model works in float32 and takes values "
+            f"up to {MAX_FLOAT_VALUE:.1e}",
+            hint="rescale the image",
+        )
     c = image.shape[0]
     if mask is not None and mask.shape != image.shape[1:]:
         raise ValueError(f"mask shape {mask.shape} does not match thumbnail {image.shape[1:]}")
@@ -179,13 +200,29 @@ def intensity_stats(slide: Slide, mask: np.ndarray | None) -> tuple[np.ndarray, 
         pixels = image.reshape(c, -1)
     else:
         pixels = image[:, mask]
-    mean = pixels.mean(axis=1)
-    std = pixels.std(axis=1)
+    mean = np.empty(c, dtype=np.float64)
+    std = np.empty(c, dtype=np.float64)
+    for k, channel in enumerate(pixels):
+        mean[k], std[k] = _mean_std(channel)
     if slide.dtype.kind in "iu":
         floor = 0.5
     else:
         floor = 1e-6 * max(1.0, float(np.abs(mean).max()) if mean.size else 1.0)
     return mean.astype(np.float64), np.maximum(std, floor).astype(np.float64)
+
+
+def _mean_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and population standard deviation; exact from a histogram for 8/16-bit."""
+    if values.size == 0:
+        return float("nan"), float("nan")
+    if values.dtype in (np.uint8, np.uint16):
+        counts = np.bincount(values.ravel(), minlength=1).astype(np.float64)
+        levels = np.arange(counts.size, dtype=np.float64)
+        mean = float(counts @ levels) / values.size
+        variance = float(counts @ (levels - mean) ** 2) / values.size
+        return mean, math.sqrt(variance)
+    as_float = values.astype(np.float64)
+    return float(as_float.mean()), float(as_float.std())
 
 
 def tissue_fraction(mask: np.ndarray) -> float:

@@ -13,9 +13,11 @@ from typing import ClassVar
 import click
 
 from wsi_deepr import __version__
-from wsi_deepr.errors import WsiDeeprError
+from wsi_deepr.errors import InternalError, OptionError, WsiDeeprError
 
 LOG = logging.getLogger("wsi_deepr")
+ERROR_PREFIX = "wsi-deepr: error: "
+"""Every error the CLI reports is one line starting with this."""
 
 
 class _Group(click.Group):
@@ -28,6 +30,7 @@ class _Group(click.Group):
         "train": ("train", "train"),
         "export": ("export", "export"),
         "evaluate": ("evaluate", "evaluate"),
+        "pairs": ("pairs", "pairs"),
         "quantize": ("quantize", "quantize"),
     }
 
@@ -62,6 +65,11 @@ def cli(ctx: click.Context, debug: bool, verbose: bool) -> None:
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="wsi-deepr: %(message)s", stream=sys.stderr)
     LOG.setLevel(level)
+    # Libraries' Python warnings (numpy overflow, zarr, dask) are details for --verbose
+    # and --debug; on a plain run they would break the one-line error contract.
+    logging.captureWarnings(True)
+    warnings_level = logging.WARNING if debug or verbose else logging.ERROR
+    logging.getLogger("py.warnings").setLevel(warnings_level)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,14 +89,70 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        click.echo(f"{ERROR_PREFIX}{usage_error(exc).one_line()}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
     except WsiDeeprError as exc:
         if debug:
             raise
-        click.echo(f"wsi-deepr: error: {exc.one_line()}", err=True)
+        click.echo(f"{ERROR_PREFIX}{exc.one_line()}", err=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("wsi-deepr: interrupted", err=True)
         sys.exit(130)
+    except Exception as exc:  # a bug or a failure of the machine, not the user's input
+        if debug:
+            raise
+        click.echo(f"{ERROR_PREFIX}{internal_error(exc).one_line()}", err=True)
+        sys.exit(InternalError.exit_code)
+
+
+def usage_error(exc: click.UsageError) -> OptionError:
+    """A click usage error as one of ours: the option or argument, the problem, a hint.
+
+    Parameters
+    ----------
+    exc : click.UsageError
+        A bad or missing option or argument, an unknown option or command.
+
+    Returns
+    -------
+    OptionError
+        Subject ``--tile-px`` (an option), ``OUTPUT`` (an argument) or the command.
+    """
+    command = exc.ctx.command_path if exc.ctx is not None else "wsi-deepr"
+    subject = command
+    problem = exc.format_message().strip().rstrip(".")
+    if isinstance(exc, click.BadParameter) and exc.param is not None:
+        param = exc.param
+        if isinstance(param, click.Option):
+            subject = max(param.opts, key=len)
+        else:
+            subject = param.human_readable_name
+        if isinstance(exc, click.MissingParameter):
+            problem = f"missing {param.param_type_name}"
+        else:
+            problem = exc.message.strip().rstrip(".")
+    elif isinstance(exc, click.NoSuchOption):
+        subject, problem = exc.option_name, "no such option"
+        if exc.possibilities:
+            problem += f"; did you mean {' or '.join(exc.possibilities[:3])}?"
+    elif isinstance(exc, click.BadOptionUsage):
+        subject = exc.option_name
+    return OptionError(subject, problem, hint=f"see '{command} --help'")
+
+
+def internal_error(exc: BaseException) -> InternalError:
+    """An unexpected exception as one line: what it was, and how to report it."""
+    lines = str(exc).strip().splitlines()
+    detail = f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+    if isinstance(exc, MemoryError):
+        return InternalError("wsi-deepr", "out of memory", hint="try a smaller --batch-size")
+    return InternalError(
+        "wsi-deepr",
+        f"internal error ({detail})",
+        hint="rerun with --debug for the traceback and report it",
+    )

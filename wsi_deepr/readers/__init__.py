@@ -69,6 +69,9 @@ def detect_format(path: str | Path) -> str:
         ):
             return "zarr"
         raise UnsupportedFormatError(path_str, "a folder that is not a Zarr store")
+    if not os.path.isfile(path_str):
+        # Opening a named pipe would wait for a writer forever; devices are no slides.
+        raise UnsupportedFormatError(path_str, "not a regular file (a pipe, socket or device)")
     try:
         with open(path_str, "rb") as fh:
             head = fh.read(16)

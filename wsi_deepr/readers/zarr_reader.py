@@ -286,7 +286,11 @@ def _open_ome_zarr(path_str: str, mpp: float | None) -> Slide:
         raise MetadataError(path_str, f"x axis unit {unit!r} is not a length unit")
     file_mpp: float | None = scales[0][axes.index("x")] * factor
     y_mpp = scales[0][axes.index("y")] * _UNIT_TO_UM.get(axis_info["y"].get("unit"), 1.0)
-    if file_mpp is not None and math.isfinite(file_mpp) and abs(y_mpp - file_mpp) > 0.01 * file_mpp:
+    if (
+        file_mpp is not None
+        and math.isfinite(file_mpp)
+        and abs(y_mpp - file_mpp) > 0.01 * abs(file_mpp)
+    ):
         LOG.warning("%s: pixels are not square (%g x %g um); using x", path_str, file_mpp, y_mpp)
     if not any(isinstance(d, dict) and d.get("coordinateTransformations") for d in datasets):
         file_mpp = None  # no scale anywhere: the pixel size is unknown, not 1 um
