@@ -391,11 +391,11 @@ def compare_with_full(
 ) -> list[dict[str, Any]]:
     """Quality of a model variant against the full model at every evaluation defocus.
 
-    Both models refocus the same simulated captures of held-out fields
-    (:func:`wsi_deepr.evaluation.quality_vs_defocus`, the machinery of
-    ``wsi-deepr evaluate``); the rows give, per defocus, the mean SSIM of each against
-    the ground truth, their difference, and the mean SSIM of the variant's output
-    against the full model's.
+    Both models refocus the same simulated captures of held-out fields, those of
+    ``wsi-deepr evaluate`` (:mod:`wsi_deepr.evaluation`: fields, settings, capture
+    seeds, metrics and summary; the rows equal its ``deepr`` rows); the rows give, per
+    defocus, the mean SSIM of each against the ground truth, their difference, and the
+    mean SSIM of the variant's output against the full model's.
 
     Parameters
     ----------
@@ -422,22 +422,21 @@ def compare_with_full(
     overrides = {"n_fovs": n_fovs} if n_fovs else {}
     settings = evaluation.settings_for(models[0], quick=quick, **overrides)
     fields = evaluation.held_out_fields(data_dir, settings)
-    by_model = [
-        {
-            s["defocus_um"]: s
-            for s in evaluation.summarise(evaluation.quality_vs_defocus(m, fields, settings))
-            if s["method"] == "deepr"
-        }
-        for m in models
-    ]
+    # The evaluation's captures (same seeds) and its "deepr" rows, each capture simulated
+    # once and refocused once by each model.
+    per_model: tuple[list[dict[str, Any]], ...] = ([], [])
     agreement: dict[float, list[float]] = {}
-    for k, (_, target) in enumerate(fields):
+    for k, (name, target) in enumerate(fields):
         for j, z in enumerate(settings.defocus_um):
             capture = evaluation.simulate_input(
                 target, z, settings, seed=evaluation.capture_seed(settings, k, j)
             )
-            a, b = (np.clip(m.refocus(capture), 0.0, 1.0) for m in models)
-            agreement.setdefault(z, []).append(metrics.ssim(b, a, data_range=1.0))
+            outputs = [np.clip(m.refocus(capture), 0.0, 1.0) for m in models]
+            for rows_of_model, output in zip(per_model, outputs, strict=True):
+                rows_of_model.append({"fov": name, "defocus_um": z, "method": "deepr",
+                                      **evaluation.quality(output, target)})  # fmt: skip
+            agreement.setdefault(z, []).append(metrics.ssim(outputs[1], outputs[0], data_range=1.0))
+    by_model = [{s["defocus_um"]: s for s in evaluation.summarise(r)} for r in per_model]
     rows = []
     for z in settings.defocus_um:
         ssim_full = by_model[0][z]["ssim_mean"]
