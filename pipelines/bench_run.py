@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
@@ -186,7 +187,8 @@ def child_run(slide: str, out: str, model: str, tile_px: int, overlap_px: int) -
     report = refocus_slide(slide, out, model=model, tile_px=tile_px, overlap_px=overlap_px,
                            overwrite=True, device="auto")  # fmt: skip
     values = report.to_dict()
-    values["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    values["peak_rss_mb"] = peak_rss_mb()
+    values["cpu_seconds"] = cpu_seconds()
     print(json.dumps(values))
 
 
@@ -205,19 +207,44 @@ def child_pure(model: str, n_tiles: int, tile_px: int, batch_size: int) -> None:
     batch = batch.astype(np.float32)
     predictor(batch[:1])  # session creation and warm-up are not model time
     n_batches = math.ceil(n_tiles / batch_size)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(lambda _: predictor(batch), range(n_batches)))
     seconds = time.perf_counter() - started
-    print(json.dumps({"seconds": seconds, "tiles": n_batches * batch_size, "workers": workers,
+    # CPU seconds of all threads: a measure of the work that other load on a shared
+    # machine disturbs far less than the wall time
+    cpu_seconds = time.process_time() - cpu_started
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "tiles": n_batches * batch_size, "workers": workers,
                       "ort_threads": threads}))  # fmt: skip
 
 
-def _child(*args: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux ``ru_maxrss`` is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far, all threads.
+
+    On a shared machine this shows the work far better than the wall time (but spinning
+    ONNX Runtime thread pools count as work).
+    """
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(
+    *args: str, script: str = __file__, env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Run ``script *args`` in a fresh process (its own peak RSS); its last stdout line
+    is JSON, returned as a dict. ``env`` adds environment variables."""
+    environ = {**os.environ, **(env or {})}
+    done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=environ)  # fmt: skip
     if done.returncode:
         sys.stderr.write(done.stderr)
-        raise SystemExit(f"child {args[0]} failed")
+        raise SystemExit(f"child {args[:2]} failed")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -252,12 +279,12 @@ def main() -> None:
         started = time.perf_counter()
         slide = make_slide(workdir / f"slide_{size}.tif", size)
         made_s = time.perf_counter() - started
-        run = _child("--child", "run", str(slide), str(workdir / f"out_{size}.zarr"), str(model),
+        run = run_child("--child", "run", str(slide), str(workdir / f"out_{size}.zarr"), str(model),
                      str(args.tile_px), str(args.overlap_px))  # fmt: skip
         row = {"size_px": size, "slide_s": made_s, **run}
         if not args.no_pure:
             # at most 400 tiles: the per-tile model time does not depend on slide size
-            pure = _child("--child", "pure", str(model), str(min(run["tiles_run"], 400)),
+            pure = run_child("--child", "pure", str(model), str(min(run["tiles_run"], 400)),
                           str(args.tile_px), str(run["extra"]["batch_size"]))  # fmt: skip
             row["pure_model_s"] = pure["seconds"] * run["tiles_run"] / pure["tiles"]
         rows.append(row)

@@ -92,7 +92,9 @@ def make_slow_identity_model(path: str | Path, *, rounds: int = 8, channels: int
     return _save(Path(path), nodes, channels, initializers=[zero])
 
 
-def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) -> Path:
+def make_slow_model(
+    path: str | Path, *, width: int = 16, n_layers: int = 12, metadata=None
+) -> Path:
     """A stack of dense 3x3 convolutions that smooth (RGB in and out), with real cost.
 
     About ``9 x width^2 x n_layers`` multiply-adds per pixel, like a small U-Net, so a
@@ -111,7 +113,7 @@ def make_slow_model(path: str | Path, *, width: int = 16, n_layers: int = 12) ->
                 "Conv", [source, f"w{k}"], [target], pads=[1, 1, 1, 1], kernel_shape=[3, 3]
             )
         )
-    return _save(Path(path), nodes, 3, initializers=initializers)
+    return _save(Path(path), nodes, 3, initializers=initializers, metadata=metadata)
 
 
 def make_channel_mean_model(path: str | Path, *, channels: int = 3) -> Path:

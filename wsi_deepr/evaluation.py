@@ -273,6 +273,11 @@ def simulate_input(
     return display
 
 
+def capture_seed(settings: EvalSettings, field_index: int, defocus_index: int) -> int:
+    """Noise seed of the capture of field ``field_index`` at ``settings.defocus_um[j]``."""
+    return settings.seed + 1000 * field_index + defocus_index
+
+
 def quality(image: F32, reference: F32) -> dict[str, float]:
     """SSIM, MS-SSIM, RMSE and PSNR of a display image against its reference."""
     out = {
@@ -336,7 +341,7 @@ def quality_vs_defocus(
     crop = deconvolution.crop_border
     for k, (name, target) in enumerate(fields):
         for j, z in enumerate(settings.defocus_um):
-            capture = simulate_input(target, z, settings, seed=settings.seed + 1000 * k + j)
+            capture = simulate_input(target, z, settings, seed=capture_seed(settings, k, j))
             output = np.clip(model.refocus(capture), 0.0, 1.0)
             results = {"input": capture, "deepr": output}
             for method, image in results.items():

@@ -175,14 +175,47 @@ def export_onnx(
     finally:
         tmp.unlink(missing_ok=True)
         Path(str(tmp) + ".data").unlink(missing_ok=True)
-    for key, value in card.items():
+    return save_with_card(model, card, out_path)
+
+
+def save_with_card(model: Any, card: dict[str, Any], out_path: Path) -> dict[str, Any]:
+    """Write an ONNX model with its card in ``metadata_props`` and as ``.json`` beside it.
+
+    The card's keys replace any ``metadata_props`` of the same name (values JSON-encoded);
+    its ``sha256`` is set to that of the written ``.onnx`` file (the ONNX metadata cannot
+    hold its own file's hash, so it is only in the JSON card).
+
+    Parameters
+    ----------
+    model : onnx.ModelProto
+        The model; its ``metadata_props`` are updated in place.
+    card : dict
+        Card values (see :class:`wsi_deepr.model_registry.ModelCard`); ``sha256`` is
+        filled in.
+    out_path : Path
+        The ``.onnx`` file; the card goes to the same path with ``.json``.
+
+    Returns
+    -------
+    dict
+        The card as written.
+
+    Raises
+    ------
+    OutputError
+        The files cannot be written.
+    """
+    import onnx
+
+    card = {k: v for k, v in card.items() if k != "sha256"}
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in card]
+    del model.metadata_props[:]
+    for key, value in [*kept, *((k, json.dumps(v)) for k, v in card.items())]:
         entry = model.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
+        entry.key, entry.value = key, value
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save(model, str(out_path))
-        # The card's sha256 is that of the .onnx file as shipped (the ONNX metadata
-        # cannot hold its own file's hash).
         card["sha256"] = hashlib.sha256(out_path.read_bytes()).hexdigest()
         out_path.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     except OSError as exc:

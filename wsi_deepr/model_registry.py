@@ -64,6 +64,9 @@ class ModelCard:
     """Validation figures."""
     package_version: str = ""
     """wsi-deepr version that exported the model."""
+    variant: dict[str, Any] = field(default_factory=dict)
+    """How the model derives from another one (e.g. ``{"precision": "int8", "of": ...}``
+    for a quantised copy, see :mod:`wsi_deepr.quantize`); empty for a trained model."""
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, source: str | Path) -> ModelCard:
@@ -134,12 +137,7 @@ def shipped_cards() -> dict[str, tuple[ModelCard, Path]]:
     if not folder.is_dir():
         return cards
     for card_path in sorted(folder.glob("*.json")):
-        try:
-            values = json.loads(card_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ModelError(card_path, f"unreadable model card: {exc}") from exc
-        if not isinstance(values, dict):
-            raise ModelError(card_path, "a model card must be a JSON object")
+        values = _read_json_card(card_path)
         values.setdefault("name", card_path.stem)
         values.setdefault("file", card_path.stem + ".onnx")
         card = ModelCard.from_dict(values, source=card_path)
@@ -172,6 +170,71 @@ def card_from_onnx(
     default_modality : str, optional
         Modality assumed when the metadata gives none (by default: brightfield for three
         channels, else fluorescence).
+
+    Raises
+    ------
+    ModelError
+        The file is not a readable ONNX model.
+    """
+    values = onnx_card_values(
+        path, default_channels=default_channels, default_modality=default_modality
+    )
+    return ModelCard.from_dict(values, source=path)
+
+
+def card_values(
+    path: Path, *, default_channels: int = 3, default_modality: str | None = None
+) -> tuple[dict[str, Any], Path]:
+    """The raw card values of an ONNX file, unknown keys included, and where they came from.
+
+    The JSON card beside the file (``<stem>.json``) if there is one, else the ONNX
+    ``metadata_props`` and inferred defaults (:func:`onnx_card_values`).
+
+    Parameters
+    ----------
+    path : Path
+        The ONNX file.
+    default_channels, default_modality
+        As :func:`card_from_onnx`, for a file without a card.
+
+    Returns
+    -------
+    values : dict
+        ``name`` defaults to the file's stem; ``file`` is the file's name.
+    source : Path
+        The JSON card or the ONNX file.
+
+    Raises
+    ------
+    ModelError
+        Unreadable card or model.
+    """
+    card_path = path.with_suffix(".json")
+    if not card_path.is_file():
+        values = onnx_card_values(
+            path, default_channels=default_channels, default_modality=default_modality
+        )
+        return values, path
+    values = _read_json_card(card_path)
+    values.setdefault("name", path.stem)
+    values["file"] = path.name
+    return values, card_path
+
+
+def _read_json_card(card_path: Path) -> dict[str, Any]:
+    try:
+        values = json.loads(card_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(card_path, f"unreadable model card: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ModelError(card_path, "a model card must be a JSON object")
+    return values
+
+
+def onnx_card_values(
+    path: Path, *, default_channels: int = 3, default_modality: str | None = None
+) -> dict[str, Any]:
+    """Card values from an ONNX file's ``metadata_props`` over defaults from its input.
 
     Raises
     ------
@@ -212,7 +275,7 @@ def card_from_onnx(
         except ValueError:
             values[prop.key] = prop.value
     values["input_name"], values["output_name"] = inputs[0].name, graph.output[0].name
-    return ModelCard.from_dict(values, source=path)
+    return values
 
 
 def resolve_model(
@@ -303,18 +366,10 @@ def _find(name_or_path: str | Path | None, slide: Slide) -> tuple[ModelCard, Pat
     if path.suffix.lower() == ".onnx" or path.exists():
         if not path.is_file():
             raise ModelError(path, "no such model file")
-        card_path = path.with_suffix(".json")
-        if card_path.is_file():
-            try:
-                values = json.loads(card_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ModelError(card_path, f"unreadable model card: {exc}") from exc
-            values.setdefault("name", path.stem)
-            values["file"] = path.name
-            return ModelCard.from_dict(values, source=card_path), path
-        return card_from_onnx(
+        values, source = card_values(
             path, default_channels=slide.n_channels, default_modality=slide.modality
-        ), path
+        )
+        return ModelCard.from_dict(values, source=source), path
     names = ", ".join(sorted(shipped)) or "none shipped"
     raise ModelError(text, f"unknown model (available: {names})", hint="or give a path.onnx")
 

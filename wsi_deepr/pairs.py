@@ -76,6 +76,27 @@ class SimulationSettings:
     colour_jitter: float = 0.1
     """Brightfield stain variation: optical density scaled by 1 +/- this per channel."""
 
+    @classmethod
+    def from_dict(cls, modality: str, values: dict[str, Any]) -> SimulationSettings:
+        """Settings from a config's ``simulation`` block (lists become tuples).
+
+        Raises
+        ------
+        TypeError
+            Unknown or missing keys.
+        """
+        sim = dict(values)
+        for key in (
+            "defocus_range_um",
+            "mpp_range",
+            "emission_um_range",
+            "photons_range",
+            "jpeg_quality_range",
+        ):
+            if key in sim:
+                sim[key] = tuple(sim[key])
+        return cls(modality=modality, **sim)  # type: ignore[arg-type]
+
 
 def list_sources(data_dir: Path, modality: str) -> list[SourceImage]:
     """Real in-focus images for a modality from the shared data folder.
@@ -315,7 +336,7 @@ def simulate_pair(
     return defocused.astype(np.float32), np.ascontiguousarray(target[window]), meta
 
 
-def _region(
+def random_region(
     image: NDArray[np.float32], size_px: int, rng: np.random.Generator
 ) -> NDArray[np.float32]:
     """A random square region, reflect-padded where the image is smaller."""
@@ -331,6 +352,17 @@ def _region(
     y0 = int(rng.integers(0, h - size_px + 1))
     x0 = int(rng.integers(0, w - size_px + 1))
     return np.ascontiguousarray(image[:, y0 : y0 + size_px, x0 : x0 + size_px])
+
+
+def simulation_margin_px(settings: SimulationSettings) -> int:
+    """Margin around a crop that the widest blur of ``settings`` reaches, plus 8 px.
+
+    A region of ``crop_px + 2 x margin`` passed to :func:`simulate_pair` gives a crop
+    without edge effects.
+    """
+    max_blur_um = max(abs(v) for v in settings.defocus_range_um)
+    opt = physics.Optics(settings.na + settings.na_jitter, 0.65, min(settings.mpp_range))
+    return int(physics.psf(opt, max_blur_um).shape[0] // 2 + 8)
 
 
 def build_bank(
@@ -375,9 +407,7 @@ def build_bank(
     areas = np.array([im.shape[1] * im.shape[2] for im in images], dtype=np.float64)
     # Weight by the square root of the area: big crops give more pairs, but not all.
     weights = np.sqrt(areas) / np.sqrt(areas).sum()
-    max_blur_um = max(abs(v) for v in settings.defocus_range_um)
-    opt = physics.Optics(settings.na + settings.na_jitter, 0.65, min(settings.mpp_range))
-    margin = physics.psf(opt, max_blur_um).shape[0] // 2 + 8
+    margin = simulation_margin_px(settings)
     channels = images[0].shape[0]
     dtype = np.uint8 if settings.modality == "brightfield" else np.uint16
     scale = 255.0 if dtype == np.uint8 else 65535.0
@@ -387,7 +417,7 @@ def build_bank(
     source_index = np.empty(n_pairs, dtype=np.int32)
     for i in range(n_pairs):
         k = int(rng.choice(len(images), p=weights))
-        region = _region(images[k], crop_px + 2 * margin, rng)
+        region = random_region(images[k], crop_px + 2 * margin, rng)
         x, y, meta = simulate_pair(region, settings, rng, crop_px=crop_px)
         inputs[i] = np.clip(np.rint(x * scale), 0, scale).astype(dtype)
         targets[i] = np.clip(np.rint(y * scale), 0, scale).astype(dtype)

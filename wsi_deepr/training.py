@@ -103,18 +103,8 @@ class TrainConfig:
 
     def simulation_settings(self) -> SimulationSettings:
         """The simulation parameters of the pair banks."""
-        sim = dict(self.simulation)
-        for key in (
-            "defocus_range_um",
-            "mpp_range",
-            "emission_um_range",
-            "photons_range",
-            "jpeg_quality_range",
-        ):
-            if key in sim:
-                sim[key] = tuple(sim[key])
         try:
-            return SimulationSettings(modality=self.modality, **sim)  # type: ignore[arg-type]
+            return SimulationSettings.from_dict(self.modality, self.simulation)
         except TypeError as exc:
             raise ConfigError(self.name, f"simulation block: {exc}") from None
 

@@ -33,6 +33,7 @@ class _Group(click.Group):
         "evaluate": ("evaluate", "evaluate"),
         "pairs": ("pairs", "pairs"),
         "qc": ("qc", "qc"),
+        "quantize": ("quantize", "quantize"),
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:
