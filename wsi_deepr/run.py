@@ -8,7 +8,7 @@ import hashlib
 import logging
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,10 +159,12 @@ def refocus_slide(
     resolved = resolve_model(model, slide, strict=strict)
     card = resolved.card
     grid.check_model(min_tile_px=card.size_multiple)
-    provider = select_provider(device)
-
-    with _scheduler(scheduler, workers) as (compute, scheduler_name, n_workers, ort_threads):
-        predictor = Predictor.for_model(resolved, provider=provider, threads=ort_threads)
+    with _scheduler(scheduler, workers) as (compute, scheduler_name, n_workers, ort_threads,
+                                            on_worker):  # fmt: skip
+        # Chosen and checked where the model runs: on a cluster, on one of its workers
+        # (a submitting machine without GPUs must not decide for GPU workers).
+        provider = on_worker(select_provider, device)
+        predictor = on_worker(_checked_predictor, resolved, provider, ort_threads)
 
         from wsi_deepr.tissue import intensity_stats
         from wsi_deepr.tissue import tissue_mask as find_tissue
@@ -313,6 +315,10 @@ def refocus_slide(
 Compute = Any
 
 
+def _checked_predictor(resolved: Any, provider: str, threads: int) -> Predictor:
+    return Predictor.for_model(resolved, provider=provider, threads=threads)
+
+
 def limit_heap_fragmentation() -> bool:
     """Make glibc return large freed buffers to the system (process-wide; CLI use).
 
@@ -340,8 +346,13 @@ def limit_heap_fragmentation() -> bool:
 @contextlib.contextmanager
 def _scheduler(
     scheduler: str | Any | None, workers: int | None
-) -> Iterator[tuple[Compute, str, int, int]]:
-    """How to run the graph: ``(compute, name, worker threads, ORT threads per session)``."""
+) -> Iterator[tuple[Compute, str, int, int, Callable[..., Any]]]:
+    """How to run the graph.
+
+    Yields ``(compute, name, worker threads, ORT threads per session, on_worker)``;
+    ``on_worker(f, *args)`` returns ``f(*args)`` computed where the tiles will run (here,
+    or on one worker of the cluster).
+    """
 
     if scheduler is None:
         n_workers, ort_threads = plan_threads(workers=workers)
@@ -349,7 +360,10 @@ def _scheduler(
         def compute_local(graph: Any) -> Any:
             return dask.compute(graph, scheduler="threads", num_workers=n_workers)[0]
 
-        yield compute_local, "threads", n_workers, ort_threads
+        def here(function: Callable[..., Any], *args: Any) -> Any:
+            return function(*args)
+
+        yield compute_local, "threads", n_workers, ort_threads, here
         return
 
     from distributed import Client
@@ -372,7 +386,10 @@ def _scheduler(
         def compute_cluster(graph: Any) -> Any:
             return client.compute(graph, sync=True)
 
-        yield compute_cluster, str(client.scheduler.address), n_threads, ort_threads
+        def on_a_worker(function: Callable[..., Any], *args: Any) -> Any:
+            return client.submit(function, *args, pure=False).result()
+
+        yield compute_cluster, str(client.scheduler.address), n_threads, ort_threads, on_a_worker
     finally:
         if own_client:
             client.close()
