@@ -107,19 +107,8 @@ def refocus_array(
 
     Parameters
     ----------
-    data : dask.array.Array of shape (C, Y, X)
-        The slide level, any chunking.
-    plan : TilePlan
-        Tiles, weights and tissue flags for ``data``'s ``(Y, X)``.
-    model : callable
-        Picklable batch model, e.g. :class:`wsi_deepr.inference.Predictor`.
-    mean, std : ndarray of shape (C,)
-        Slide-level statistics; the model sees ``(x - mean) / std``.
-    chunk_px : int, optional
-        Edge of the output chunks; :func:`default_chunk_px` by default. Must be at least
-        ``tile_px`` (so spills reach only the next chunk).
-    batch_size : int
-        Tiles per model call.
+    data, plan, model, mean, std, chunk_px, batch_size
+        As for :class:`ChunkGraph`, which builds the tasks.
 
     Returns
     -------
