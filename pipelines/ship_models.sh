@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Train (or resume) the shipped generators and export them with their model cards into
-# models/. Each `wsi-deepr train` resumes from runs/<name>/checkpoint.pt; the checkpoints
-# of the shipped models are kept in pipelines/checkpoints/ and copied there first, so a
-# fresh clone continues where the last session stopped (raise `iterations` in the config
-# to train longer: the config must otherwise match the checkpoint's).
+# Train (or resume) the shipped generators, export them with their model cards into
+# models/ and quantise their int8 variants. Each `wsi-deepr train` resumes from
+# runs/<name>/checkpoint.pt; the checkpoints of the shipped models are kept in
+# pipelines/checkpoints/ and copied there first, so a fresh clone continues where the last
+# session stopped (raise `iterations` in the config to train longer: the config must
+# otherwise match the checkpoint's).
 # Needs: pip install -e '.[train]' and ../shared/data beside the checkout (the pair banks
 # are rebuilt from it, deterministically, when runs/banks/ lacks them).
 set -euo pipefail
@@ -20,3 +21,7 @@ wsi-deepr train pipelines/configs/fluo-40x.toml
 # deepr-he-20x ships the fine-tuned generator (better on every validation bin).
 wsi-deepr export runs/deepr-he-20x-ft/checkpoint.pt models/deepr-he-20x.onnx --name deepr-he-20x --overwrite
 wsi-deepr export runs/deepr-fluo-40x/checkpoint.pt models/deepr-fluo-40x.onnx --overwrite
+# The int8 variants `wsi-deepr run` takes by default on the CPU: calibrated on train-split
+# tiles, each checked against its full model on the whole held-out set (card: variant).
+wsi-deepr quantize deepr-he-20x models/deepr-he-20x-int8.onnx --full-check --overwrite
+wsi-deepr quantize deepr-fluo-40x models/deepr-fluo-40x-int8.onnx --full-check --overwrite

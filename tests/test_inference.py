@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
 
@@ -12,7 +13,7 @@ from tiny_models import make_blur_model, make_identity_model, make_scale_model
 
 from wsi_deepr import inference
 from wsi_deepr.errors import ModelError, OptionError
-from wsi_deepr.inference import CPU, Predictor, get_session, plan_threads, select_provider
+from wsi_deepr.inference import CPU, CUDA, Predictor, get_session, plan_threads, select_provider
 from wsi_deepr.model_registry import resolve_model
 from wsi_deepr.slide import Slide
 
@@ -127,6 +128,33 @@ def test_default_and_unknown_names_use_the_shipped_models(tmp_path, monkeypatch)
         resolve_model("nonexistent", make_slide())
     with pytest.raises(ModelError, match="no shipped model for fluorescence"):
         resolve_model(None, make_slide(1, modality="fluorescence"))
+
+
+def test_default_model_is_the_int8_variant_on_the_cpu_only(tmp_path, monkeypatch):
+    models = tmp_path / "models"
+    card = {"modality": "brightfield", "channels": ["R", "G", "B"], "in_channels": 3}
+    for name, variant in (
+        ("he-full", {}),
+        ("he-full-int8", {"precision": "int8", "of": "he-full"}),
+        ("aa-he-other-int8", {"precision": "int8", "of": "aa-he-other"}),
+    ):
+        make_identity_model(models / f"{name}.onnx")
+        values = {**card, "name": name, "file": f"{name}.onnx", "variant": variant}
+        (models / f"{name}.json").write_text(json.dumps(values))
+    monkeypatch.setenv("WSI_DEEPR_MODELS", str(models))
+    slide = make_slide()
+    # int8 first on the CPU (by name among int8 variants), full precision on GPUs and
+    # when the provider is unknown
+    assert resolve_model(None, slide, provider=CPU).card.name == "aa-he-other-int8"
+    assert resolve_model(None, slide, provider=CUDA).card.name == "he-full"
+    assert resolve_model(None, slide).card.name == "he-full"
+    # a name is taken as given, whatever the provider
+    assert resolve_model("he-full", slide, provider=CPU).card.name == "he-full"
+    (models / "aa-he-other-int8.json").unlink()
+    assert resolve_model(None, slide, provider=CPU).card.name == "he-full-int8"
+    for name in ("he-full-int8",):
+        (models / f"{name}.json").unlink()
+    assert resolve_model(None, slide, provider=CPU).card.name == "he-full"
 
 
 def test_threads_fit_the_cores():

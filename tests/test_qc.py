@@ -49,7 +49,9 @@ def patched(tmp_path_factory) -> dict:
 def runs(patched) -> dict:
     """A full run and an ``--only-blurred --qc`` run of the patched slide."""
     folder = patched["folder"]
-    options = {"model": "deepr-he-20x", "device": "cpu", "workers": 2}
+    # 512 px tiles: the crop is small, and the CPU's default 1024 px would put the patch
+    # under every tile
+    options = {"model": "deepr-he-20x", "device": "cpu", "workers": 2, "tile_px": 512}
     full = refocus_slide(patched["path"], folder / "full.zarr", **options)
     only = refocus_slide(
         patched["path"], folder / "only.zarr", only_blurred=DEFAULT_BLUR_STOPS, qc=True, **options
@@ -66,7 +68,7 @@ def test_only_blurred_runs_the_tiles_over_the_patch_and_leaves_the_rest_bit_for_
     slide = open_slide(patched["path"])
     plan = plan_tiles(
         slide.shape_yx,
-        TileGrid(512, 64),
+        TileGrid(only.tile_px, only.overlap_px),
         mask=tissue_mask(slide),
         mask_downsample=slide.thumbnail_downsample,
     )

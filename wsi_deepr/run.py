@@ -18,7 +18,7 @@ import numpy as np
 import wsi_deepr
 from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError, OutputError
-from wsi_deepr.inference import CPU, Predictor, plan_threads, select_provider
+from wsi_deepr.inference import CPU, Predictor, default_tile_px, plan_threads, select_provider
 from wsi_deepr.model_registry import resolve_model
 from wsi_deepr.refocus import ChunkGraph, default_chunk_px
 from wsi_deepr.report import Report
@@ -46,7 +46,7 @@ def refocus_slide(
     output: str | Path,
     *,
     model: str | Path | None = None,
-    tile_px: int = 512,
+    tile_px: int | None = None,
     overlap_px: int = 64,
     device: str = "auto",
     ngff: str = "0.5",
@@ -75,8 +75,11 @@ def refocus_slide(
     model : str or Path, optional
         A shipped model's name or a path to an ``.onnx`` file; by default the shipped
         model for the slide's modality.
-    tile_px, overlap_px : int
-        Model tile edge and minimum overlap of neighbouring tiles, in pixels.
+    tile_px : int, optional
+        Model tile edge in pixels: by default 1024 on the CPU and 512 on GPUs
+        (:func:`wsi_deepr.inference.default_tile_px`).
+    overlap_px : int
+        Minimum overlap of neighbouring tiles in pixels.
     device : {"auto", "cpu", "cuda", "tensorrt"}
         Where the model runs.
     ngff : {"0.5", "0.4"}
@@ -129,7 +132,8 @@ def refocus_slide(
     >>> print(report.summary())  # doctest: +SKIP
     """
     started = time.perf_counter()
-    grid = TileGrid(int(tile_px), int(overlap_px))
+    if tile_px is not None:
+        TileGrid(int(tile_px), int(overlap_px))  # bad tiling is refused before any work
     if ngff not in ("0.4", "0.5"):
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
     if resume and overwrite:
@@ -145,10 +149,11 @@ def refocus_slide(
         raise OutputError(out, "is not an interrupted wsi-deepr run; not resumed",
                           hint="pass --overwrite to replace it")  # fmt: skip
     if earlier is not None:
-        # The interrupted run's chunking and batching, unless asked otherwise (a
+        # The interrupted run's tiling, chunking and batching, unless asked otherwise (a
         # different choice is refused below, as any other change of settings).
         stored = earlier.get("parameters", {})
         chunk_px = chunk_px or stored.get("chunk_px")
+        tile_px = tile_px or stored.get("tile_px")
         batch_size = batch_size or stored.get("batch_size")
     if isinstance(input, Slide):
         slide = input
@@ -156,14 +161,18 @@ def refocus_slide(
         from wsi_deepr.readers import open_slide
 
         slide = open_slide(input, mpp=mpp)
-    resolved = resolve_model(model, slide, strict=strict)
-    card = resolved.card
-    grid.check_model(min_tile_px=card.size_multiple)
+    # A named model is checked before any cluster starts; the default one needs the provider.
+    named = resolve_model(model, slide, strict=strict) if model is not None else None
     with _scheduler(scheduler, workers) as (compute, scheduler_name, n_workers, ort_threads,
                                             on_worker):  # fmt: skip
         # Chosen and checked where the model runs: on a cluster, on one of its workers
-        # (a submitting machine without GPUs must not decide for GPU workers).
+        # (a submitting machine without GPUs must not decide for GPU workers). Without
+        # --model, the provider picks the shipped variant (int8 on the CPU).
         provider = on_worker(select_provider, device)
+        resolved = named or resolve_model(None, slide, strict=strict, provider=provider)
+        card = resolved.card
+        grid = TileGrid(int(tile_px or default_tile_px(provider)), int(overlap_px))
+        grid.check_model(min_tile_px=card.size_multiple)
         predictor = on_worker(_checked_predictor, resolved, provider, ort_threads)
 
         from wsi_deepr.tissue import intensity_stats

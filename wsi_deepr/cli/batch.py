@@ -19,8 +19,8 @@ LOG = logging.getLogger("wsi_deepr")
               help="Shipped model name or .onnx file (a manifest's column wins).")  # fmt: skip
 @click.option("--mpp", type=float, default=None,
               help="Pixel size in micrometres (a manifest's column wins).")  # fmt: skip
-@click.option("--tile-px", type=click.IntRange(min=1), default=512, show_default=True,
-              help="Model tile edge in pixels.")  # fmt: skip
+@click.option("--tile-px", type=click.IntRange(min=1), default=None,
+              help="Model tile edge in pixels [default: 1024 on CPU, 512 on GPU].")  # fmt: skip
 @click.option("--overlap-px", type=click.IntRange(min=0), default=64, show_default=True,
               help="Minimum overlap of neighbouring tiles in pixels.")  # fmt: skip
 @click.option("--chunk-px", type=click.IntRange(min=1), default=None,
@@ -52,7 +52,7 @@ def batch(
     out_dir: str,
     model: str | None,
     mpp: float | None,
-    tile_px: int,
+    tile_px: int | None,
     overlap_px: int,
     chunk_px: int | None,
     device: str,
