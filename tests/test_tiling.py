@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import dask.array as da
 import numpy as np
 import pytest
@@ -123,3 +125,32 @@ def test_contradicting_options_are_refused(tile_px, overlap_px):
 def test_tile_below_the_network_minimum_is_refused():
     with pytest.raises(OptionError, match="minimum"):
         TileGrid(8, 2).check_model(min_tile_px=16)
+
+
+@pytest.mark.parametrize(
+    "shape_yx", [(2967, 2220), (8192, 8192), (20000, 15000), (700, 500), (1100, 5000), (961, 961)]
+)
+@pytest.mark.parametrize("overlap_px", [0, 64, 128])
+def test_fitted_grid_keeps_the_tile_counts_with_the_smallest_allowed_tile(shape_yx, overlap_px):
+    grid = TileGrid(1024, overlap_px)
+    fitted = grid.fitted(shape_yx)
+    counts = [len(grid.origins(e)) for e in shape_yx]
+    assert [len(fitted.origins(e)) for e in shape_yx] == counts
+    assert fitted.overlap_px == overlap_px and fitted.tile_px <= grid.tile_px
+    assert fitted.tile_px == grid.tile_px or fitted.tile_px % 16 == 0
+
+    def work_px(g: TileGrid) -> int:  # pixels through the model
+        return math.prod(len(g.origins(e)) * g.tile_len(e) for e in shape_yx)
+
+    # brute force: no smaller multiple of 16 with the same counts does less work
+    for smaller in range(fitted.tile_px - 16, 2 * overlap_px, -16):
+        other = TileGrid(smaller, overlap_px)
+        if [len(other.origins(e)) for e in shape_yx] == counts:
+            assert work_px(other) >= work_px(fitted)
+    assert work_px(fitted) <= work_px(grid)
+    # the fitted tiles still cover every pixel with at least the minimum overlap
+    for extent in shape_yx:
+        origins = fitted.origins(extent)
+        ends = origins + fitted.tile_len(extent)
+        assert origins[0] == 0 and ends[-1] == extent
+        assert np.all(ends[:-1] - origins[1:] >= overlap_px)

@@ -77,7 +77,8 @@ def refocus_slide(
         model for the slide's modality.
     tile_px : int, optional
         Model tile edge in pixels: by default 1024 on the CPU and 512 on GPUs
-        (:func:`wsi_deepr.inference.default_tile_px`).
+        (:func:`wsi_deepr.inference.default_tile_px`), shrunk where the same number of
+        tiles covers the slide with smaller ones (:meth:`TileGrid.fitted`).
     overlap_px : int
         Minimum overlap of neighbouring tiles in pixels.
     device : {"auto", "cpu", "cuda", "tensorrt"}
@@ -171,7 +172,10 @@ def refocus_slide(
         provider = on_worker(select_provider, device)
         resolved = named or resolve_model(None, slide, strict=strict, provider=provider)
         card = resolved.card
-        grid = TileGrid(int(tile_px or default_tile_px(provider)), int(overlap_px))
+        if tile_px is not None:
+            grid = TileGrid(int(tile_px), int(overlap_px))
+        else:  # the device's tile, shrunk to the fewest pixels for as many tiles
+            grid = TileGrid(default_tile_px(provider), int(overlap_px)).fitted(slide.shape_yx)
         grid.check_model(min_tile_px=card.size_multiple)
         predictor = on_worker(_checked_predictor, resolved, provider, ort_threads)
 

@@ -91,6 +91,46 @@ class TileGrid:
         """Edge of the tiles along an axis of ``extent_px`` (shorter if the axis is)."""
         return min(self.tile_px, extent_px)
 
+    def fitted(self, shape_yx: tuple[int, int], *, multiple_px: int = 16) -> TileGrid:
+        """The smallest grid with as many tiles as this one on a slide of ``shape_yx``.
+
+        The last tile along an axis is shifted back to end on the slide edge, so where the
+        axis is not a whole number of strides the tiles overlap more than they must. The
+        same number of tiles, shrunk until they meet the minimum overlap along the
+        tighter axis, covers the slide with less model work: on a 2967 x 2220 px slide
+        1024 px tiles become 800 px ones (12 tiles either way, 39% fewer pixels).
+
+        Parameters
+        ----------
+        shape_yx : tuple of int
+            Slide height and width in pixels.
+        multiple_px : int
+            The tile edge is rounded up to a multiple of this (convolution-friendly sizes),
+            never beyond :attr:`tile_px`.
+
+        Returns
+        -------
+        TileGrid
+            Same overlap, ``tile_px`` at most this grid's.
+
+        Examples
+        --------
+        >>> TileGrid(1024, 64).fitted((2967, 2220)).tile_px
+        800
+        """
+        needed = 2 * self.overlap_px + 1  # the smallest tile this overlap allows
+        for extent in shape_yx:
+            n = len(self.origins(extent))
+            if n > 1:  # n tiles of t cover n * t - (n - 1) * overlap pixels
+                needed = max(needed, math.ceil((extent + (n - 1) * self.overlap_px) / n))
+        tile_px = min(self.tile_px, multiple_px * math.ceil(needed / multiple_px))
+        if tile_px < self.tile_px and all(
+            len(TileGrid(tile_px, self.overlap_px).origins(e)) == len(self.origins(e))
+            for e in shape_yx
+        ):
+            return TileGrid(tile_px, self.overlap_px)
+        return self
+
     def origins(self, extent_px: int) -> np.ndarray:
         """Tile origins covering ``[0, extent_px)`` along one axis.
 
