@@ -310,6 +310,7 @@ def _line(row: dict[str, Any]) -> str:
         f"{row['tiles_per_s']:6.2f} tiles/s  peak RSS "
         + (f"{rss:7.0f} MB" if rss is not None else "      - ")
         + f"  (CPU {row['cpu_seconds'] / row['area_mm2']:.2f} s/mm2)"
+        + (f"  [{row['model_name']}, {row['tile_px']} px tiles]" if "model_name" in row else "")
     )
 
 

@@ -279,6 +279,25 @@ def test_targets_and_comparisons_from_results() -> None:
     assert "+6.0" in table_text(model)
 
 
+def test_variant_agreement_with_its_full_model() -> None:
+    from wsi_deepr.evaluation_summary import variant_agreement
+
+    def model(name: str, ssims: list[float], variant: dict[str, str]) -> dict:
+        rows = [{"method": "deepr", "defocus_um": float(z), "ssim_mean": v}
+                for z, v in zip((-2, 0, 2), ssims, strict=True)]  # fmt: skip
+        return {"name": name, "card": {"variant": variant}, "quality": rows}
+
+    full = model("m", [0.70, 0.90, 0.71], {})
+    close = model("m-int8", [0.699, 0.895, 0.712], {"precision": "int8", "of": "m"})
+    far = model("m-bad", [0.70, 0.87, 0.71], {"precision": "int8", "of": "m"})
+    text = variant_agreement(close, [full, close])
+    assert text is not None and "-0.0050 (z = +0 um)" in text and "within 0.01 at every" in text
+    far_text = variant_agreement(far, [full, far])
+    assert far_text is not None and "-0.0300" in far_text and "NOT within" in far_text
+    assert variant_agreement(full, [full, close]) is None  # not a variant
+    assert variant_agreement(close, [close]) is None  # its full model was not evaluated
+
+
 def test_autofocus_on_the_real_bead_stack() -> None:
     from wsi_deepr.evaluation_suite import SuiteOptions, autofocus_real_stack
 

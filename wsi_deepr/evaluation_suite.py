@@ -295,6 +295,10 @@ def evaluate_models(
         ``{"models": [per-model results], "options": ...}``, JSON-ready.
     """
     results = []
+    # The autofocus baselines depend on the modality's fields and defocus range only, not
+    # on the model: measured once per modality (the real bead stack once) and shared.
+    autofocus_of: dict[str, list[dict[str, Any]]] = {}
+    autofocus_real: list[dict[str, Any]] | None = None
     for model in models:
         t0 = time.perf_counter()
         # Every model of a modality is seen over the widest training range among them.
@@ -306,6 +310,9 @@ def evaluate_models(
         fields = evaluation.held_out_fields(data_dir, settings)
         z_hi = max(abs(v) for v in model.defocus_range_um)
         deconv_z = sorted({float(round(s * f * z_hi)) for f in (0.3, 0.6) for s in (-1, 1)})
+        if model.card.variant:
+            # a quantised copy: judged against its full model, not against deconvolution
+            deconv_z = []
         if options.quick:
             deconv_z = [z for z in deconv_z if z in settings.defocus_um][:2]
         LOG.info("%s: %d held-out fields, z = %s", model.name, len(fields), settings.defocus_um)
@@ -325,7 +332,11 @@ def evaluate_models(
         af_options = options
         if options.quick:
             af_options = replace(options, autofocus_fovs=1, autofocus_starts=1)
-        af_rows = autofocus_benchmark(fields, settings, af_options)
+        if model.modality not in autofocus_of:
+            autofocus_of[model.modality] = autofocus_benchmark(fields, settings, af_options)
+        if autofocus_real is None:
+            autofocus_real = summarise_autofocus(autofocus_real_stack(data_dir, af_options))
+        af_rows = autofocus_of[model.modality]
         speed = deepr_speed(model, settings, edge_px=256 if options.quick else options.speed_px)
         entry: dict[str, Any] = {
             "name": model.name,
@@ -340,7 +351,7 @@ def evaluate_models(
             "tilt": tilt,
             "autofocus_rows": af_rows,
             "autofocus": summarise_autofocus(af_rows),
-            "autofocus_real": summarise_autofocus(autofocus_real_stack(data_dir, af_options)),
+            "autofocus_real": autofocus_real,
             "deepr_speed": speed,
             "beads": (
                 bead_analysis(model, data_dir, quick=options.quick)

@@ -9,7 +9,9 @@ Works on the JSON-ready per-model results of
   output no worse than the input by more than 0.02 SSIM), each with its measured value;
 - :func:`comparisons`: where Deep-R beats, matches or loses to the input and the
   deconvolution baselines (by mean SSIM, 10-px border cropped), and how its measured speed
-  compares with the simulated online autofocus, with the numbers.
+  compares with the simulated online autofocus, with the numbers;
+- :func:`variant_agreement`: a quantised variant's output SSIM against its full model's at
+  every z (the default variant must stay within :data:`VARIANT_SLACK`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ GAIN_FAR = 0.15
 """Output SSIM gain over the input wanted at ``|z| >=`` half the range."""
 IN_FOCUS_SLACK = 0.02
 """Largest SSIM loss allowed at z = 0."""
+VARIANT_SLACK = 0.01
+"""Largest output SSIM difference allowed between a variant and its full model, any z."""
 TIE_SSIM = 0.005
 """SSIM differences within this are reported as a match, not a win or a loss."""
 
@@ -113,3 +117,39 @@ def comparisons(model: dict[str, Any]) -> list[str]:
             f"{'faster' if faster else 'slower'}"
         )
     return lines
+
+
+def variant_agreement(model: dict[str, Any], models: list[dict[str, Any]]) -> str | None:
+    """One sentence comparing a variant's output SSIM with its full model's at every z.
+
+    Parameters
+    ----------
+    model : dict
+        A model's results; a variant's card names its full model (``variant.of``).
+    models : list of dict
+        All evaluated models, where the full model is looked up by name.
+
+    Returns
+    -------
+    str or None
+        ``None`` for a model that is not a variant, or whose full model was not evaluated.
+    """
+    of = (model["card"].get("variant") or {}).get("of")
+    full = next((m for m in models if m["name"] == of), None)
+    if of is None or full is None:
+        return None
+    mine, theirs = _by_method_z(model), _by_method_z(full)
+    deltas = {
+        z: mine[("deepr", z)]["ssim_mean"] - theirs[("deepr", z)]["ssim_mean"]
+        for (method, z) in mine
+        if method == "deepr" and ("deepr", z) in theirs
+    }
+    if not deltas:
+        return None
+    worst = max(deltas, key=lambda z: abs(deltas[z]))
+    within = all(abs(d) <= VARIANT_SLACK for d in deltas.values())
+    return (
+        f"{model['name']} against its full model {of}: output SSIM differs by at most "
+        f"{deltas[worst]:+.4f} (z = {worst:+g} um) over {len(deltas)} defocus values; "
+        f"{'within' if within else 'NOT within'} {VARIANT_SLACK} at every z"
+    )

@@ -26,7 +26,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from wsi_deepr.evaluation_summary import comparisons, targets
+from wsi_deepr.evaluation_summary import comparisons, targets, variant_agreement
 
 PACKAGES = (
     "wsi-deepr",
@@ -331,9 +331,9 @@ def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> P
     for m in models:
         parts.append(_model_header(m))
         parts.append("<h3>Verdict</h3>" + _table(targets(m), TARGET_KEYS))
-        parts.append(
-            "<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in comparisons(m)) + "</ul>"
-        )
+        agreement = variant_agreement(m, models)
+        sentences = ([agreement] if agreement else []) + comparisons(m)
+        parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in sentences) + "</ul>")
         parts.append("<h3>1. Quality vs defocus (Fig. 2b, 8)</h3>" + _quality_figure(m, out))
         keys = [
             "method",
@@ -350,8 +350,11 @@ def write_report(results: dict[str, Any], out: Path, *, command: list[str]) -> P
             "<h3>5. Deconvolution baselines (Fig. 6)</h3><p>Richardson-Lucy 100 iterations, "
             "Landweber 100 iterations step 0.1, both given the true PSF; Deep-R gets none.</p>"
         )
-        parts.append(_deconvolution_figure(m, out))
-        parts.append(_table([r for r in m["quality"] if r["method"].endswith("_crop10")], keys))
+        if m["deconvolution_z_um"]:
+            parts.append(_deconvolution_figure(m, out))
+            parts.append(_table([r for r in m["quality"] if r["method"].endswith("_crop10")], keys))
+        else:
+            parts.append("<p>Not repeated for a quantised variant: see its full model.</p>")
         parts.append("<h3>3. Tilted sample (Fig. 4, eqs. 5-7)</h3>" + _tilt_figure(m, out))
         parts.append(
             _table(

@@ -103,7 +103,7 @@ def evaluate(
     from wsi_deepr.errors import InputError, ModelError, OutputError
     from wsi_deepr.evaluation import load_model
     from wsi_deepr.evaluation_suite import SuiteOptions, evaluate_models
-    from wsi_deepr.evaluation_summary import table_text, targets
+    from wsi_deepr.evaluation_summary import table_text, targets, variant_agreement
     from wsi_deepr.model_registry import shipped_cards
     from wsi_deepr.report_html import write_report
 
@@ -153,5 +153,8 @@ def evaluate(
         click.echo(f"targets missed: {len(missed)} of {len(targets(model))}")
         for t in missed:
             click.echo(f"  {t['target']} at z = {t['defocus_um']:+g} um: {t['value']:.3f}")
+        agreement = variant_agreement(model, results["models"])
+        if agreement:
+            click.echo(agreement)
         click.echo()
     click.echo(f"report: {index}  ({shlex.join(command)})")
