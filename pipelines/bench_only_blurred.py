@@ -259,8 +259,7 @@ def main() -> None:
             line += (f", focus map {qc['seconds']:.1f} s, maps+png "
                      f"{qc['output_qc_seconds']:.1f} s")  # fmt: skip
         print(line + ")")
-    model = full["report"].get("model", {})
-    print(f"model: {model.get('name') if isinstance(model, dict) else model}")
+    print(f"model: {full['report']['model_name']}, {full['report']['provider']}")
     print(
         f"speed-up: {full['wall_s'] / only['wall_s']:.2f}x wall, "
         f"{full['cpu_s'] / only['cpu_s']:.2f}x CPU, "
