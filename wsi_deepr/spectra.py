@@ -54,9 +54,11 @@ class SlideSpectra:
     analysis_mpp: float
     """Pixel size the spectra were measured at (level 0 reduced by an integer factor)."""
     log2_ratio: np.ndarray
-    """``(ny, nx)`` float32 log2(high-band / low-band power) of grey windows."""
+    """``(ny, nx)`` float32 log2(high-band / low-band power) of grey windows; NaN on cells
+    not measured (by default those without tissue)."""
     low_power: np.ndarray
-    """``(ny, nx)`` float32 low-band power (contrast) of the grey windows."""
+    """``(ny, nx)`` float32 low-band power (contrast) of the grey windows; 0 where not
+    measured."""
     tissue: np.ndarray
     """``(ny, nx)`` bool, tissue under at least half of the cell (thumbnail mask)."""
     freqs_per_um: np.ndarray
@@ -64,7 +66,8 @@ class SlideSpectra:
     bin_edges_per_um: np.ndarray
     """``(nb + 1,)`` edges of the coarse spectrum bins."""
     log_power: np.ndarray
-    """``(my, mx, c, nb)`` float16 natural log of mean power per bin, coarse windows."""
+    """``(my, mx, c, nb)`` float16 natural log of mean power per bin, coarse windows; 0 on
+    coarse cells holding no measured fine cell."""
 
 
 def cell_px_for(mpp: float, cell_um: float = CELL_UM) -> int:
