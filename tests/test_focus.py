@@ -205,3 +205,44 @@ def test_only_blurred_default_in_the_cli_is_the_library_default():
     parsed = run.make_context("run", ["in.tif", "out.zarr", "--only-blurred", "3", "--qc"]).params
     assert parsed["only_blurred"] == 3.0 and parsed["qc"]
     assert run.make_context("run", ["in.tif", "out.zarr"]).params["only_blurred"] is None
+
+
+def test_scan_measures_tissue_cells_only_and_reads_no_background_block(tmp_path):
+    """Tissue cells get the values of a scan of every cell, bit for bit; background cells
+    are not computed, and blocks without tissue are not read."""
+    image = synthetic_tissue((896, 896), seed=7)
+    image[:, :, 520:] = 255  # a background band on the right
+    slide = open_slide(make_tiff_slide(tmp_path / "half.tif", image, 0.499))
+    mask = tissue_mask(slide)
+    reads: list[tuple[slice, ...]] = []
+
+    class Counting:
+        """The slide's pixels, recording every region read."""
+
+        shape, dtype = image.shape, image.dtype
+
+        def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+            reads.append(key)
+            return image[key]
+
+    block_cells = 2  # blocks of 2 x 2 coarse cells (128 px): many of them are background
+    only = scan_slide(slide, mask, data=Counting(), block_cells=block_cells)
+    every = scan_slide(slide, mask, cells=np.ones_like(only.tissue), block_cells=block_cells)
+    tissue = only.tissue
+    assert 0.2 < tissue.mean() < 0.8
+    for name in ("log2_ratio", "low_power"):
+        assert np.array_equal(getattr(only, name)[tissue], getattr(every, name)[tissue]), name
+    assert np.isnan(only.log2_ratio[~tissue]).all() and (only.low_power[~tissue] == 0).all()
+    assert np.isfinite(every.log2_ratio[~tissue]).any()  # they would have had values
+    measured = np.zeros(only.log_power.shape[:2], dtype=bool)
+    ys, xs = np.nonzero(tissue)
+    measured[ys // 2, xs // 2] = True  # coarse cells (2 x 2 fine) holding tissue
+    assert np.array_equal(only.log_power[measured], every.log_power[measured])
+    assert (only.log_power[~measured] == 0).all() and (every.log_power[~measured] != 0).any()
+    # one read per block holding a tissue cell, none for the others
+    per_block = 2 * block_cells
+    padded = np.zeros((-(-tissue.shape[0] // per_block) * per_block,
+                       -(-tissue.shape[1] // per_block) * per_block), dtype=bool)  # fmt: skip
+    padded[: tissue.shape[0], : tissue.shape[1]] = tissue
+    blocks = padded.reshape(padded.shape[0] // per_block, per_block, -1, per_block)
+    assert len(reads) == int(blocks.any(axis=(1, 3)).sum()) < blocks.shape[0] * blocks.shape[2]

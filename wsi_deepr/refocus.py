@@ -384,19 +384,27 @@ def _partial_chunk(
         region = region_read.read()
         tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
         pending: list[tuple[int, int]] = []
+        # Tiles share a handful of distinct weight rows (inner ones, edges): one 2-D
+        # weight per distinct pair, the same product as tile by tile.
+        kind_y = np.unique(weights_y, axis=0, return_inverse=True)[1].ravel()
+        kind_x = np.unique(weights_x, axis=0, return_inverse=True)[1].ravel()
+        weights_2d: dict[tuple[int, int], np.ndarray] = {}
 
         def normalised(i: int, j: int) -> np.ndarray:
             y, x = int(origins_y[i]), int(origins_x[j])
-            # a copy: float32 input would otherwise be normalised in place, twice
-            tile = np.array(region[:, y : y + tile_h, x : x + tile_w], dtype=np.float32)
-            tile -= mean
+            # a new float32 array (float32 input is not normalised in place, twice)
+            tile = region[:, y : y + tile_h, x : x + tile_w]
+            tile = np.subtract(tile, mean, dtype=np.float32)
             tile /= std
             return tile
 
         def add(i: int, j: int, output: np.ndarray) -> None:
             y, x = int(origins_y[i]), int(origins_x[j])
-            weight = weights_y[i][:, None] * weights_x[j][None, :]
-            output *= weight  # the model's output or a fresh copy: ours to change
+            kind = (int(kind_y[i]), int(kind_x[j]))
+            weight = weights_2d.get(kind)
+            if weight is None:
+                weight = weights_2d[kind] = weights_y[i][:, None] * weights_x[j][None, :]
+            output *= weight  # the model's output or a fresh array: ours to change
             acc[:, y : y + tile_h, x : x + tile_w] += output
 
         def flush() -> None:

@@ -11,8 +11,10 @@ frequency (cycles per micrometre):
   bins up to 0.9 x Nyquist, for the defocus estimate (:mod:`wsi_deepr.defocus_estimate`).
 
 Slides finer than :data:`ANALYSIS_MPP` are measured on integer-reduced pixels (means of
-2 x 2 at 0.25 um/px): the bands need no more, and FFT work drops fourfold. Blocks of the
-slide are read once each, in threads (FFTs release the GIL).
+2 x 2 at 0.25 um/px): the bands need no more, and FFT work drops fourfold. Only windows
+of tissue cells are measured (background cells keep a NaN ratio and zero power); blocks
+of the slide holding tissue are read once each, in threads (FFTs release the GIL), the
+others not at all.
 """
 
 from __future__ import annotations
@@ -52,9 +54,11 @@ class SlideSpectra:
     analysis_mpp: float
     """Pixel size the spectra were measured at (level 0 reduced by an integer factor)."""
     log2_ratio: np.ndarray
-    """``(ny, nx)`` float32 log2(high-band / low-band power) of grey windows."""
+    """``(ny, nx)`` float32 log2(high-band / low-band power) of grey windows; NaN on cells
+    not measured (by default those without tissue)."""
     low_power: np.ndarray
-    """``(ny, nx)`` float32 low-band power (contrast) of the grey windows."""
+    """``(ny, nx)`` float32 low-band power (contrast) of the grey windows; 0 where not
+    measured."""
     tissue: np.ndarray
     """``(ny, nx)`` bool, tissue under at least half of the cell (thumbnail mask)."""
     freqs_per_um: np.ndarray
@@ -62,7 +66,8 @@ class SlideSpectra:
     bin_edges_per_um: np.ndarray
     """``(nb + 1,)`` edges of the coarse spectrum bins."""
     log_power: np.ndarray
-    """``(my, mx, c, nb)`` float16 natural log of mean power per bin, coarse windows."""
+    """``(my, mx, c, nb)`` float16 natural log of mean power per bin, coarse windows; 0 on
+    coarse cells holding no measured fine cell."""
 
 
 def cell_px_for(mpp: float, cell_um: float = CELL_UM) -> int:
@@ -115,7 +120,12 @@ def band_matrix(window_px: int, mpp: float, edges_per_um: np.ndarray) -> np.ndar
 
 
 def window_band_power(
-    image: np.ndarray, *, window_px: int, step_px: int, bands: np.ndarray
+    image: np.ndarray,
+    *,
+    window_px: int,
+    step_px: int,
+    bands: np.ndarray,
+    select: np.ndarray | None = None,
 ) -> np.ndarray:
     """Mean power per band of Hann-tapered windows on a regular grid.
 
@@ -127,21 +137,49 @@ def window_band_power(
         Window edge and grid step.
     bands : ndarray
         From :func:`band_matrix`.
+    select : ndarray of bool, shape (ny, nx), optional
+        Measure only these windows of the grid's first ``ny x nx`` (the others are NaN;
+        rows with none selected cost nothing). All windows by default.
 
     Returns
     -------
     ndarray of shape (ny, nx, n_bands), float32
     """
     views = sliding_window_view(image, (window_px, window_px))[::step_px, ::step_px]
+    if select is None:
+        select = np.ones(views.shape[:2], dtype=bool)
+    if select.shape[0] > views.shape[0] or select.shape[1] > views.shape[1]:
+        raise ValueError(f"select {select.shape} exceeds the {views.shape[:2]} windows")
     taper = np.outer(np.hanning(window_px), np.hanning(window_px)).astype(np.float32)
-    out = np.empty((views.shape[0], views.shape[1], bands.shape[1]), dtype=np.float32)
-    for i in range(views.shape[0]):
-        row = views[i] - views[i].mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+    # Each band as (frequencies, weights), summed per window in float64: a window's value
+    # does not depend on which others share its row (a float32 matrix product or SIMD sum
+    # rounds by row count and memory alignment), and no BLAS threads contend with the
+    # block threads.
+    per_band = [(idx, bands[idx, k]) for k in range(bands.shape[1])
+                for idx in [np.flatnonzero(bands[:, k])]]  # fmt: skip
+    out = np.full((*select.shape, bands.shape[1]), np.nan, dtype=np.float32)
+    for i in range(select.shape[0]):
+        columns = np.flatnonzero(select[i])
+        if columns.size == 0:
+            continue
+        # The selected windows of the row, gathered (a copy): the same arithmetic per
+        # window whichever others are selected.
+        row = views[i][columns]
+        row -= row.mean(axis=(1, 2), keepdims=True, dtype=np.float32)
         row *= taper
         spectrum = sp_fft.rfft2(row, overwrite_x=True)
         power = (spectrum.real**2 + spectrum.imag**2).reshape(row.shape[0], -1)
-        out[i] = power @ bands
+        for k, (idx, weights) in enumerate(per_band):
+            out[i, columns, k] = (power[:, idx] * weights).sum(axis=1, dtype=np.float64)
     return out
+
+
+def _coarse_cells_of(fine: np.ndarray) -> np.ndarray:
+    """Coarse cells (2 x 2 fine cells) holding at least one ``True`` fine cell."""
+    ny, nx = fine.shape
+    padded = np.zeros((ny + ny % 2, nx + nx % 2), dtype=bool)
+    padded[:ny, :nx] = fine
+    return np.asarray(padded.reshape(-(-ny // 2), 2, -(-nx // 2), 2).any(axis=(1, 3)))
 
 
 def _blocks(shape_yx: tuple[int, int], block_px: int) -> Iterator[tuple[int, int, int, int]]:
@@ -175,6 +213,7 @@ def scan_slide(
     cell_px: int | None = None,
     block_cells: int = 32,
     coarse_spectra: bool = True,
+    cells: np.ndarray | None = None,
     workers: int | None = None,
 ) -> SlideSpectra:
     """One pass over level 0: fine band ratios and coarse per-channel spectra.
@@ -194,6 +233,11 @@ def scan_slide(
         Coarse cells per block edge read at once (memory: ``(64 * cell_px)^2`` pixels).
     coarse_spectra : bool
         Also measure the per-channel spectra for the defocus estimate (else left zero).
+    cells : ndarray of bool, shape (ny, nx), optional
+        Fine cells to measure; the tissue cells (:func:`cell_tissue` of ``mask``) by
+        default. The others keep a NaN ratio and zero power, and the coarse spectra are
+        measured only on coarse cells holding a measured fine cell (zero elsewhere).
+        Blocks without one are not read.
     workers : int, optional
         Threads (blocks in parallel); the cores this process may use by default.
 
@@ -220,6 +264,11 @@ def scan_slide(
     edges = np.geomspace(1.5 / (2 * coarse_a * mpp), 0.9 * nyquist, SPECTRUM_BINS + 1)
     coarse_bands = band_matrix(2 * coarse_a, mpp, edges)
     n_channels = int(pixels.shape[0])  # type: ignore[attr-defined]
+    tissue = cell_tissue(mask, slide.thumbnail_downsample, (ny, nx), cell)
+    measure = tissue if cells is None else np.asarray(cells, dtype=bool)
+    if measure.shape != (ny, nx):
+        raise ValueError(f"cells must have the fine grid's shape {(ny, nx)}, not {measure.shape}")
+    measure_coarse = _coarse_cells_of(measure)[:my, :mx]
 
     ratio = np.full((ny, nx), np.nan, dtype=np.float32)
     low = np.zeros((ny, nx), dtype=np.float32)
@@ -230,30 +279,36 @@ def scan_slide(
     def scan_block(y0: int, y1: int, x0: int, x1: int) -> None:
         # Whole cells: the block ends on a coarse-cell border past the slide edge.
         y1c, x1c = -(-y1 // coarse) * coarse, -(-x1 // coarse) * coarse
+        cy0, cx0 = y0 // cell, x0 // cell
+        n_cy, n_cx = (y1c - y0) // cell, (x1c - x0) // cell
+        keep_y, keep_x = min(n_cy, ny - cy0), min(n_cx, nx - cx0)
+        fine_sel = measure[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x]
+        my0, mx0 = y0 // coarse, x0 // coarse
+        n_my, n_mx = (y1c - y0) // coarse, (x1c - x0) // coarse
+        keep_my, keep_mx = min(n_my, my - my0), min(n_mx, mx - mx0)
+        coarse_sel = measure_coarse[my0 : my0 + keep_my, mx0 : mx0 + keep_mx]
+        if not fine_sel.any() and not (coarse_spectra and coarse_sel.any()):
+            return  # nothing to measure: not even read
         region = read_padded(pixels, y0, y1c, x0, x1c, halo).astype(np.float32)
         region = _reduce(region, factor)
         region /= np.float32(scale)
         # Fine windows (2 cells) centred on fine cells start half a fine cell before.
         fine_off = (halo - cell // 2) // factor
         g = region.mean(axis=0)[fine_off:, fine_off:]
-        bands = window_band_power(g, window_px=2 * cell_a, step_px=cell_a, bands=fine_bands)
-        cy0, cx0 = y0 // cell, x0 // cell
-        n_cy, n_cx = (y1c - y0) // cell, (x1c - x0) // cell
-        bands = bands[:n_cy, :n_cx]
-        keep_y, keep_x = min(n_cy, ny - cy0), min(n_cx, nx - cx0)
+        bands = window_band_power(
+            g, window_px=2 * cell_a, step_px=cell_a, bands=fine_bands, select=fine_sel
+        )
         with np.errstate(divide="ignore", invalid="ignore"):
             block_ratio = np.log2(bands[..., 1] / bands[..., 0])
-        ratio[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x] = block_ratio[:keep_y, :keep_x]
-        low[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x] = bands[:keep_y, :keep_x, 0]
-        my0, mx0 = y0 // coarse, x0 // coarse
-        n_my, n_mx = (y1c - y0) // coarse, (x1c - x0) // coarse
-        keep_my, keep_mx = min(n_my, my - my0), min(n_mx, mx - mx0)
-        for c in range(n_channels if coarse_spectra else 0):
+        # Cells not measured stay as initialised (NaN ratio, zero power).
+        ratio[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x][fine_sel] = block_ratio[fine_sel]
+        low[cy0 : cy0 + keep_y, cx0 : cx0 + keep_x][fine_sel] = bands[..., 0][fine_sel]
+        for c in range(n_channels if coarse_spectra and coarse_sel.any() else 0):
             spec = window_band_power(region[c], window_px=2 * coarse_a, step_px=coarse_a,
-                                         bands=coarse_bands)[:keep_my, :keep_mx]  # fmt: skip
+                                     bands=coarse_bands, select=coarse_sel)  # fmt: skip
             with np.errstate(divide="ignore"):
-                log_power[my0 : my0 + keep_my, mx0 : mx0 + keep_mx, c] = np.log(
-                    np.maximum(spec, 1e-30)
+                log_power[my0 : my0 + keep_my, mx0 : mx0 + keep_mx, c][coarse_sel] = np.log(
+                    np.maximum(spec[coarse_sel], 1e-30)
                 )
 
     # Blocks write disjoint cells; FFTs release the GIL, so threads share the work.
@@ -262,7 +317,6 @@ def scan_slide(
     with ThreadPoolExecutor(max_workers=workers or available_cores()) as pool:
         for future in [pool.submit(scan_block, *b) for b in _blocks((height, width), block_px)]:
             future.result()
-    tissue = cell_tissue(mask, slide.thumbnail_downsample, (ny, nx), cell)
     centres = 0.5 * (edges[1:] + edges[:-1])
     return SlideSpectra(cell, slide.mpp, mpp, ratio, low, tissue, centres, edges, log_power)
 
