@@ -368,19 +368,15 @@ def _partial_chunk(
     the right, below and lower right (also saved to ``progress`` when given), and how
     many tiles went through the model.
     """
+    if region_read is not None and origins_y.size and origins_x.size and not tissue.any():
+        return _passed_through(
+            region_read.read(), geometry, origins_y, origins_x, weights_y, weights_x, scaling,
+            progress,
+        )  # fmt: skip
     acc = np.zeros(geometry.region_shape, dtype=np.float32)
     mean, std = scaling.mean, scaling.std
     tiles_run = 0
-    if region_read is not None and origins_y.size and origins_x.size and not tissue.any():
-        # Only background: the tiles' summed weights are separable, so the whole region
-        # is weighted at once instead of tile by tile (--only-blurred and glass).
-        region = region_read.read()
-        acc[:] = region
-        acc -= mean
-        acc /= std
-        acc *= _summed_weights(origins_y, weights_y, acc.shape[1])[:, None]
-        acc *= _summed_weights(origins_x, weights_x, acc.shape[2])[None, :]
-    elif region_read is not None and origins_y.size and origins_x.size:
+    if region_read is not None and origins_y.size and origins_x.size:
         region = region_read.read()
         tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
         pending: list[tuple[int, int]] = []
@@ -443,6 +439,50 @@ def _partial_chunk(
         *spills,
         tiles_run,
     )
+
+
+def _passed_through(
+    region: np.ndarray,
+    geometry: _ChunkGeometry,
+    origins_y: np.ndarray,
+    origins_x: np.ndarray,
+    weights_y: np.ndarray,
+    weights_x: np.ndarray,
+    scaling: _Scaling,
+    progress: ChunkProgress | None,
+) -> tuple[Any, ...]:
+    """:func:`_partial_chunk` for a chunk none of whose tiles goes through the model.
+
+    Its tiles pass the input through, so the chunk's core (where only its own tiles reach,
+    their weights summing to one) is the input itself, copied. Only the top and left
+    margins and the spills, which meet the neighbours' tiles, are weighted in float, and
+    at once: the summed weights of a full grid of tiles are separable (background,
+    glass and the in-focus tissue of ``--only-blurred``).
+    """
+    chunk_h, chunk_w = geometry.chunk_hw
+    top_px, left_px = geometry.margin_yx
+    summed_y = _summed_weights(origins_y, weights_y, region.shape[1])
+    summed_x = _summed_weights(origins_x, weights_x, region.shape[2])
+
+    def weighted(rows: slice, cols: slice) -> np.ndarray:
+        part = np.subtract(region[:, rows, cols], scaling.mean, dtype=np.float32)
+        part /= scaling.std
+        part *= summed_y[rows, None]
+        part *= summed_x[None, cols]
+        return part
+
+    core = np.zeros((region.shape[0], chunk_h, chunk_w), dtype=scaling.dtype)
+    core[:, top_px:, left_px:] = region[:, top_px:chunk_h, left_px:chunk_w]
+    spills = (
+        weighted(slice(0, chunk_h), slice(chunk_w, None)),
+        weighted(slice(chunk_h, None), slice(0, chunk_w)),
+        weighted(slice(chunk_h, None), slice(chunk_w, None)),
+    )
+    if progress is not None:
+        progress.save_spills(geometry.index, spills)
+    top = weighted(slice(0, top_px), slice(0, chunk_w))
+    left = weighted(slice(top_px, chunk_h), slice(0, left_px))
+    return (core, top, left, *spills, 0)
 
 
 def _summed_weights(origins: np.ndarray, weights: np.ndarray, length: int) -> np.ndarray:
