@@ -352,13 +352,28 @@ CPU_TILE_PX = 1024
 """Default tile edge on the CPU: with 64 px of overlap it does 13% less model work per
 mm2 than 512 px tiles, and the int8 variant gains most there (1.45x the CPU throughput of
 the full model at 512 px, against 1.23x at 512 px; ``pipelines/bench_variants.py``)."""
-GPU_TILE_PX = 512
-"""Default tile edge on GPUs, where tiles are batched (8 per call) instead."""
+SMALL_TILE_PX = 512
+"""Default tile edge on GPUs, where tiles are batched (8 per call) instead, and of
+selective runs (``--only-blurred``), whose model work is the area of the tiles that touch
+a blurred region: half the edge follows its outline more closely (on the benchmark's
+slide, 30% of the tissue tiles instead of 36%, ``pipelines/bench_only_blurred.py``)."""
 
 
-def default_tile_px(provider: str) -> int:
-    """The tile edge a run on ``provider`` gets without ``--tile-px``."""
-    return CPU_TILE_PX if provider == CPU else GPU_TILE_PX
+def default_tile_px(provider: str, *, selective: bool = False) -> int:
+    """The tile edge a run on ``provider`` gets without ``--tile-px``.
+
+    Parameters
+    ----------
+    provider : str
+        The ONNX Runtime execution provider.
+    selective : bool
+        Only tiles over blurred tissue go through the model (``--only-blurred``).
+
+    Returns
+    -------
+    int
+    """
+    return CPU_TILE_PX if provider == CPU and not selective else SMALL_TILE_PX
 
 
 def plan_threads(*, workers: int | None = None, cores: int | None = None) -> tuple[int, int]:

@@ -76,9 +76,9 @@ def refocus_slide(
         A shipped model's name or a path to an ``.onnx`` file; by default the shipped
         model for the slide's modality.
     tile_px : int, optional
-        Model tile edge in pixels: by default 1024 on the CPU and 512 on GPUs
-        (:func:`wsi_deepr.inference.default_tile_px`), shrunk where the same number of
-        tiles covers the slide with smaller ones (:meth:`TileGrid.fitted`).
+        Model tile edge in pixels: by default 1024 on the CPU and 512 on GPUs and with
+        ``only_blurred`` (:func:`wsi_deepr.inference.default_tile_px`), shrunk where the
+        same number of tiles covers the slide with smaller ones (:meth:`TileGrid.fitted`).
     overlap_px : int
         Minimum overlap of neighbouring tiles in pixels.
     device : {"auto", "cpu", "cuda", "tensorrt"}
@@ -175,7 +175,8 @@ def refocus_slide(
         if tile_px is not None:
             grid = TileGrid(int(tile_px), int(overlap_px))
         else:  # the device's tile, shrunk to the fewest pixels for as many tiles
-            grid = TileGrid(default_tile_px(provider), int(overlap_px)).fitted(slide.shape_yx)
+            tile = default_tile_px(provider, selective=only_blurred is not None)
+            grid = TileGrid(tile, int(overlap_px)).fitted(slide.shape_yx)
         grid.check_model(min_tile_px=card.size_multiple)
         predictor = on_worker(_checked_predictor, resolved, provider, ort_threads)
 

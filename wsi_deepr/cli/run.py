@@ -21,7 +21,8 @@ LOG = logging.getLogger("wsi_deepr")
     help="Shipped model name or an .onnx file (default: the shipped model for the slide).",
 )
 @click.option("--tile-px", type=click.IntRange(min=1), default=None,
-              help="Model tile edge in pixels [default: 1024 on CPU, 512 on GPU].")  # fmt: skip
+              help="Model tile edge in pixels [default: 1024 on CPU, 512 on GPU and "
+                   "with --only-blurred].")  # fmt: skip
 @click.option("--overlap-px", type=click.IntRange(min=0), default=64, show_default=True,
               help="Minimum overlap of neighbouring tiles in pixels (< tile/2).")  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
