@@ -13,6 +13,7 @@ from typing import ClassVar
 import click
 
 from wsi_deepr import __version__
+from wsi_deepr.allocator import tune_malloc
 from wsi_deepr.errors import InternalError, OptionError, WsiDeeprError
 
 LOG = logging.getLogger("wsi_deepr")
@@ -84,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     """
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args
+    tune_malloc()  # before any worker thread allocates
     try:
         cli.main(args=args, prog_name="wsi-deepr", standalone_mode=False)
     except click.exceptions.Abort:
