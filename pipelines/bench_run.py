@@ -181,9 +181,10 @@ def default_model(workdir: Path) -> tuple[Path, str]:
 # ----------------------------------------------------------------------------- children
 def child_run(slide: str, out: str, model: str, tile_px: int, overlap_px: int) -> None:
     """Run wsi-deepr end to end; print the report and peak RSS as JSON."""
-    from wsi_deepr.run import limit_heap_fragmentation, refocus_slide
+    from wsi_deepr.allocator import tune_malloc
+    from wsi_deepr.run import refocus_slide
 
-    limit_heap_fragmentation()  # as `wsi-deepr run` does
+    tune_malloc()  # as the `wsi-deepr` command does
     report = refocus_slide(slide, out, model=model, tile_px=tile_px, overlap_px=overlap_px,
                            overwrite=True, device="auto")  # fmt: skip
     values = report.to_dict()

@@ -1,13 +1,14 @@
 """glibc ``malloc`` settings for runs that allocate and free megabyte arrays per tile.
 
-A run allocates and frees tile-sized numpy arrays (megabytes each) thousands of times.
-By default glibc gives worker threads arenas of their own, returns freed memory to the
-kernel (trimming) and adapts its mmap threshold, so many of those arrays land on fresh
-pages and every page faults once more. On an 8192 px slide (361 tiles of 512 px, 2
-workers) that was 870,000 minor page faults and 4.8 s of kernel time; with one arena, a
-fixed 32 MiB mmap threshold and no trimming below 1 GiB, 190,000 faults, 2.6 s of kernel
-time and 4% less wall time, for a peak RSS 14% higher (a high-water mark, it does not
-grow with the slide). ``pipelines/bench_compare.py`` measures runs with it.
+A run allocates and frees tile-sized numpy arrays (megabytes each) thousands of times, in
+several threads. With glibc's defaults (an arena per thread, freed memory trimmed back to
+the kernel, arrays above an adaptive threshold mapped on their own) many of them land on
+fresh pages that fault again. One arena, arrays below 32 MiB kept in the heap, trimming
+only above 1 GiB of free heap and a 64 MiB top pad keep freed memory for the next tile.
+On an 8192 px slide (361 tiles of 512 px, 2 workers), against the earlier settings (4
+arenas, 1 MiB threshold, 64 MiB trim): 855,000 -> 141,000 minor page faults, 5.3 -> 2.3 s
+of kernel time, 48.9 -> 47.1 s wall, peak RSS 651 -> 732 MB (a high-water mark that does
+not grow with the slide: ``pipelines/bench_compare.py`` runs two sizes).
 
 The settings go to this process through ``mallopt`` and to child processes (Dask
 workers of a local cluster) through the environment, which glibc reads at start-up. A

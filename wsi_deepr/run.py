@@ -333,30 +333,6 @@ def _checked_predictor(resolved: Any, provider: str, threads: int) -> Predictor:
     return Predictor.for_model(resolved, provider=provider, threads=threads)
 
 
-def limit_heap_fragmentation() -> bool:
-    """Make glibc return large freed buffers to the system (process-wide; CLI use).
-
-    Chunks of tens of MB freed by many threads otherwise stay in per-thread malloc
-    arenas, and peak RSS creeps up during a run (measured: 820 MB -> 620 MB on a 4096 px
-    slide). Returns whether the settings were applied (glibc only).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
-        ok = libc.mallopt(m_mmap_threshold, 1 << 20) == 1
-        ok &= libc.mallopt(m_trim_threshold, 64 << 20) == 1
-        ok &= libc.mallopt(m_arena_max, 4) == 1
-    except (OSError, AttributeError):
-        return False
-    return bool(ok)
-
-
 @contextlib.contextmanager
 def _scheduler(
     scheduler: str | Any | None, workers: int | None

@@ -78,9 +78,7 @@ def batch(
     """
     from wsi_deepr.batch import BATCH_JSON, SlideRecord, format_summary, run_batch
     from wsi_deepr.batch_inputs import collect_jobs
-    from wsi_deepr.run import limit_heap_fragmentation
 
-    limit_heap_fragmentation()
     if quiet:
         LOG.setLevel(max(LOG.level, logging.ERROR))
     if LOG.getEffectiveLevel() > logging.DEBUG:

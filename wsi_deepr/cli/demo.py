@@ -154,9 +154,6 @@ def demo(
     overwrite: bool,
 ) -> None:
     """Defocus the bundled H&E sample with a tilt, refocus it, report SSIM and s/mm2."""
-    from wsi_deepr.run import limit_heap_fragmentation
-
-    limit_heap_fragmentation()
     result = run_demo(
         outdir,
         model=model,

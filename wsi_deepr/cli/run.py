@@ -80,9 +80,8 @@ def run(
     Writes OUTPUT/report.json (area, tiles, s/mm2, provider, model) and marks the store
     complete last; prints one summary line.
     """
-    from wsi_deepr.run import limit_heap_fragmentation, refocus_slide
+    from wsi_deepr.run import refocus_slide
 
-    limit_heap_fragmentation()
     if quiet:
         LOG.setLevel(max(LOG.level, logging.ERROR))
     report = refocus_slide(
