@@ -350,8 +350,9 @@ def check_signature(predictor: Predictor, session: ort.InferenceSession) -> None
 
 CPU_TILE_PX = 1024
 """Default tile edge on the CPU: with 64 px of overlap it does 13% less model work per
-mm2 than 512 px tiles, and the int8 variant gains most there (1.45x the CPU throughput of
-the full model at 512 px, against 1.23x at 512 px; ``pipelines/bench_variants.py``)."""
+mm2 than 512 px tiles, and the int8 variant gains most there: measured against the full
+model at 512 px, int8 at 1024 px gives 1.45x the CPU throughput and int8 at 512 px only
+1.23x (``pipelines/bench_variants.py``)."""
 SMALL_TILE_PX = 512
 """Default tile edge on GPUs, where tiles are batched (8 per call) instead, and of
 selective runs (``--only-blurred``), whose model work is the area of the tiles that touch
