@@ -26,7 +26,6 @@ from functools import lru_cache
 import numpy as np
 from numpy.typing import NDArray
 from scipy import fft as sp_fft
-from scipy.signal import fftconvolve
 
 FloatArray = NDArray[np.floating]
 
@@ -172,6 +171,10 @@ def psf(optics: Optics, defocus_um: float, *, size_px: int | None = None) -> Flo
 
 
 def _blur_uniform(channel: FloatArray, kernel: FloatArray) -> FloatArray:
+    # Imported here: scipy.signal pulls in scipy.stats (~0.5 s), which `run --qc` and
+    # `--only-blurred` (physics via the defocus estimate) would pay at start-up.
+    from scipy.signal import fftconvolve
+
     pad = kernel.shape[0] // 2
     padded = np.pad(channel, pad, mode="reflect" if min(channel.shape) > pad else "edge")
     return np.asarray(fftconvolve(padded, kernel, mode="valid"), dtype=np.float32)
