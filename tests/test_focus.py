@@ -195,6 +195,30 @@ def test_tiles_needing_model_cover_blurred_cells_only():
     assert fmap.blurred(6.0).sum() == 0
 
 
+def test_lone_blurred_cells_get_no_model_tile():
+    grid = TileGrid(128, 32)
+    plan = plan_tiles((512, 512), grid)
+    score = np.zeros((16, 16), dtype=np.float32)  # 32 px cells
+    score[1, 13] = -5.0  # one cell alone, top right
+    score[12, 1] = score[13, 2] = -5.0  # two cells touching diagonally, bottom left
+    score[7:9, 7:9] = -5.0  # a 2 x 2 region in the middle
+    fmap = FocusMap(32, 0.5, score, np.ones((16, 16), bool), -4.0)
+    kept = tiles_needing_model(fmap, plan, grow_cells=0)
+    only_region = score.copy()
+    only_region[1, 13] = only_region[12, 1] = only_region[13, 2] = 0.0
+    expected = tiles_needing_model(
+        FocusMap(32, 0.5, only_region, fmap.tissue, -4.0), plan, grow_cells=0
+    )
+    assert expected.any()
+    np.testing.assert_array_equal(kept, expected)
+    # every blurred cell counts when asked
+    every = tiles_needing_model(fmap, plan, grow_cells=0, min_region_cells=1)
+    assert every[0, -1] and every[-1, 0] and not kept[0, -1] and not kept[-1, 0]
+    # a diagonal pair is one region (8-connected): kept with a threshold of 2
+    pair = tiles_needing_model(fmap, plan, grow_cells=0, min_region_cells=2)
+    assert pair[-1, 0] and not pair[0, -1]
+
+
 def test_only_blurred_default_in_the_cli_is_the_library_default():
     from wsi_deepr.cli.run import run
 

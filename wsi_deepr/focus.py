@@ -45,6 +45,9 @@ REFERENCE_PERCENTILE = 60.0
 DEFAULT_BLUR_STOPS = 2.5
 """A cell is blurred when its score is below minus this many stops (fine detail down to
 less than a sixth of the slide's in-focus tissue)."""
+MIN_REGION_CELLS = 4
+"""``--only-blurred`` refocuses blurred regions of at least this many cells (2 x 2, about
+32 x 32 um): smaller ones are texture, not defocus (:func:`tiles_needing_model`)."""
 MIN_CONTRAST = 1e-3
 """Cells whose low-band power is below this fraction of the tissue median are not judged
 (glass inside the tissue outline, empty lumina): nothing there to refocus."""
@@ -144,6 +147,7 @@ def tiles_needing_model(
     *,
     blur_stops: float = DEFAULT_BLUR_STOPS,
     grow_cells: int = 1,
+    min_region_cells: int = MIN_REGION_CELLS,
 ) -> np.ndarray:
     """Tiles whose footprint holds blurred cells, for ``run --only-blurred``.
 
@@ -158,6 +162,11 @@ def tiles_needing_model(
     grow_cells : int
         Blurred regions are grown by this many cells first: cells at a region's edge mix
         sharp and blurred pixels in their window and score in between.
+    min_region_cells : int
+        Blurred regions (8-connected) of fewer cells are left alone: defocus varies
+        smoothly over a slide, so a lone cell scoring low among sharp ones is texture
+        without fine detail (a lumen's rim, smooth stroma), not a focus error, and one
+        16 um cell would cost a whole model tile. The focus map still shows them.
 
     Returns
     -------
@@ -165,6 +174,10 @@ def tiles_needing_model(
         ``True`` for tiles to send through the model; AND it into ``plan.tissue``.
     """
     blurred = fmap.blurred(blur_stops)
+    if min_region_cells > 1 and blurred.any():
+        labels, _ = ndimage.label(blurred, structure=np.ones((3, 3), dtype=bool))
+        sizes = np.bincount(labels.ravel())
+        blurred = (sizes >= min_region_cells)[labels] & blurred
     if grow_cells > 0 and blurred.any():
         blurred = ndimage.binary_dilation(blurred, iterations=grow_cells)
     table = np.zeros((blurred.shape[0] + 1, blurred.shape[1] + 1), dtype=np.int64)
