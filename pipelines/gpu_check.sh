@@ -14,7 +14,7 @@
 #     bench_compare.py --sizes 8192 --only abe --model models/deepr-he-20x.onnx
 # and writes every figure line (s/mm2, tiles/s, provider, precision, GPU name) to
 # $OUT/gpu_check.txt (/tmp/wsi-deepr-gpu-check-out/ without $OUT) and each run's rows to
-# $OUT/compare_<device>_<precision>.json. About 4-6 minutes on one H100 with CUDA only;
+# $OUT/compare_<device>_<precision>.json. Estimated (never run) 4-6 minutes on one H100, CUDA only;
 # TensorRT adds its engine builds (cached in $WSI_DEEPR_TRT_CACHE, a fresh machine has none).
 # Without a GPU it stops at once, exit 3, with one line saying so.
 #
@@ -24,11 +24,17 @@
 # imagecodecs/openslide, and it cannot reach PyPI. onnxruntime-gpu 1.31.1 (cp312) is a
 # 256 MB wheel built for CUDA 13, which the torch libraries satisfy once on
 # LD_LIBRARY_PATH (done below). A call carries at most 64 MiB *including the working
-# tree* (about 50 MB here, 41 MB of it pipelines/checkpoints/*.pt), so `prepare` cuts the
-# wheels into parts that fit beside the tree; each part travels in its own call
-# (`stage`, seconds each; issue them back to back, the machine goes back after 30 s
-# idle), then `run` puts them together. TensorRT's wheels (over 1 GB) cannot travel at
-# all: on that image the TensorRT rows report "does not load" and only CUDA is measured.
+# tree*, so `prepare` cuts the wheels (285 MB with the others, all resolved for cp312 on
+# 2026-11-26) into parts that fit beside the tree; each part travels in its own call
+# (`stage`; issue them back to back, the machine goes back after 30 s idle), then `run`
+# puts them together (the tar pieces were checked here to reassemble to the same wheels).
+# With the tree as committed (47 MiB, 41 MB of it pipelines/checkpoints/*.pt) that is
+# 20 parts of 14 MiB: too many calls for a 15-minute lease. Deleting the tracked
+# checkpoints and sample slide from the working tree before `prepare` (restore them after
+# with `git checkout -- pipelines/checkpoints wsi_deepr/samples`) leaves about 6 parts of
+# 56 MiB; whether the device tool accepts a tree with deleted tracked files is untested.
+# TensorRT's wheels (over 1 GB) cannot travel at all: on that image the TensorRT rows
+# report "does not load" and only CUDA is measured.
 #
 # The device calls, in order (k = 01 .. NN as `prepare` lists them):
 #   run(command="bash pipelines/gpu_check.sh stage .whl/part-k",
