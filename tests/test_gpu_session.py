@@ -30,7 +30,7 @@ from slides import make_tiff_slide, synthetic_tissue
 from tiny_models import _save, make_identity_model, make_tiny_unet
 
 from wsi_deepr import gpu_session, inference
-from wsi_deepr.errors import ModelError, OptionError
+from wsi_deepr.errors import ModelError, OptionError, OutputError
 from wsi_deepr.gpu_session import (
     CPU,
     CUDA,
@@ -131,6 +131,19 @@ def test_fp16_copy_is_cached_by_the_models_sha256(unet, tmp_path, monkeypatch):
     with pytest.raises(ModelError, match=r"other\.onnx: cannot make its fp16 copy"):
         fp16_model(other)  # new content: converted (here: refused by the patch)
     assert not list(first.parent.glob("*.part"))
+
+
+def test_unwritable_cache_is_a_one_line_output_error_with_a_hint(unet, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("WSI_DEEPR_TRT_CACHE", str(blocker / "trt"))
+    for make in (lambda: fp16_model(unet), lambda: provider_options([TENSORRT, CPU], "fp16", None)):
+        with pytest.raises(OutputError, match=str(blocker)) as caught:
+            make()
+        line = caught.value.one_line()
+        assert "WSI_DEEPR_TRT_CACHE" in line and "\n" not in line
+    with pytest.raises(OutputError, match=r"fp16 copy of unet\.onnx"):
+        unet_predictor(unet, precision="fp16")(tiles(1, 16))
 
 
 def test_fp16_on_the_cpu_is_fp32_arithmetic_on_fp16_rounded_weights(unet, tmp_path):

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from wsi_deepr.errors import ModelError, OptionError
+from wsi_deepr.errors import ModelError, OptionError, OutputError
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -43,6 +43,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 """What ``--precision`` takes (besides ``auto``)."""
 INT8 = "int8"
 """The precision recorded for a quantised model, which is never converted."""
+
+CACHE_HINT = "set WSI_DEEPR_TRT_CACHE to a writable folder"
 
 CUDNN_CONV_ALGO_SEARCH = "EXHAUSTIVE"
 """cuDNN tries every convolution algorithm once per input shape and keeps the fastest.
@@ -128,6 +130,11 @@ def fp16_cache_dir() -> Path:
     return trt_cache_dir() / "fp16-models"
 
 
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[-1][:300] if lines else type(exc).__name__
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
@@ -156,17 +163,25 @@ def fp16_model(model_path: str | Path) -> Path:
     Raises
     ------
     ModelError
-        The model cannot be read or converted, or the cache cannot be written.
+        The model cannot be read or converted.
+    OutputError
+        The cache folder cannot be written (``WSI_DEEPR_TRT_CACHE`` moves it).
     """
     source = Path(model_path)
     try:
         target = fp16_cache_dir() / f"{_sha256(source)}.onnx"
-        if target.is_file():
-            return target
+    except OSError as exc:
+        raise ModelError(source, f"cannot be read: {exc.strerror}") from exc
+    if target.is_file():
+        return target
+    try:
         import onnx
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         converted = convert_float_to_float16(onnx.load(str(source)), keep_io_types=True)
+    except Exception as exc:  # protobuf, onnx and the converter raise unrelated types
+        raise ModelError(source, f"cannot make its fp16 copy: {_one_line(exc)}") from exc
+    try:
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(dir=target.parent, suffix=".onnx.part")
         os.close(handle)
@@ -175,8 +190,12 @@ def fp16_model(model_path: str | Path) -> Path:
             os.replace(temporary, target)
         finally:
             Path(temporary).unlink(missing_ok=True)
-    except Exception as exc:  # protobuf, onnx and the converter raise unrelated types
-        raise ModelError(source, f"cannot make its fp16 copy: {exc}") from exc
+    except OSError as exc:
+        raise OutputError(
+            target.parent,
+            f"cannot hold the fp16 copy of {source.name}: {exc.strerror}",
+            hint=CACHE_HINT,
+        ) from exc
     LOG.info("%s: fp16 copy cached in %s", source.name, target)
     return target
 
@@ -276,11 +295,20 @@ def provider_options(
     list of dict or None
         One dict per provider (the CPU's empty); ``None`` where the chain is the CPU
         alone, so CPU sessions are made exactly as without this module.
+
+    Raises
+    ------
+    OutputError
+        TensorRT's cache folder cannot be created.
     """
     if chain == [CPU]:
         return None
     if TENSORRT in chain:
-        Path(trt_cache_dir()).mkdir(parents=True, exist_ok=True)
+        try:
+            trt_cache_dir().mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(trt_cache_dir(), f"cannot be created: {exc.strerror}",
+                              hint=CACHE_HINT) from exc  # fmt: skip
     by_provider: dict[str, dict[str, str]] = {
         TENSORRT: tensorrt_options(precision, profile, device_id),
         CUDA: cuda_options(device_id),

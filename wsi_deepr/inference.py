@@ -211,13 +211,9 @@ def _create_session(
     # TensorRT makes its own fp16 engine from the fp32 graph; the others run a converted copy.
     converted = precision == "fp16" and provider != TENSORRT
     path = str(fp16_model(model_path)) if converted else model_path
+    settings = provider_options(chain, precision, profile)  # None on the CPU: as before
     try:
-        return ort.InferenceSession(
-            path,
-            options,
-            providers=chain,
-            provider_options=provider_options(chain, precision, profile),
-        )
+        return ort.InferenceSession(path, options, providers=chain, provider_options=settings)
     except Exception as exc:  # ORT raises its own unrelated types for every load failure
         raise ModelError(model_path, f"cannot load the ONNX model: {_first_line(exc)}") from exc
 
@@ -373,8 +369,9 @@ class Predictor:
         if pad_h or pad_w:
             mode = "reflect" if min(h, w) > 1 else "edge"
             x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode=mode)  # type: ignore[call-overload]
+        session = self.session()  # a model or cache that fails says so itself
         try:
-            y = self._run(x)
+            y = self._run(session, x)
         except Exception as exc:  # ORT's runtime errors have no common public base
             raise ModelError(self.model_path, f"inference failed: {_first_line(exc)}") from exc
         y = np.asarray(y, dtype=np.float32)
@@ -386,12 +383,12 @@ class Predictor:
             raise ModelError(self.model_path, f"output {y.shape} smaller than input {x.shape}")
         return y[:, :, :h, :w]
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
+    def _run(self, session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
         """One model call, or several of at most :attr:`batch_size` tiles on a GPU."""
         step = self.batch_size if self.provider != CPU and self.batch_size else len(x)
         if len(x) > step:
-            return np.concatenate([self._run(x[i : i + step]) for i in range(0, len(x), step)])
-        session = self.session()
+            parts = [self._run(session, x[i : i + step]) for i in range(0, len(x), step)]
+            return np.concatenate(parts)
         bound = self.io_binding if self.io_binding is not None else self.provider != CPU
         if bound:
             device = "cpu" if self.provider == CPU else "cuda"
