@@ -16,7 +16,8 @@
 # $OUT/gpu_check.txt (/tmp/wsi-deepr-gpu-check-out/ without $OUT) and each run's rows to
 # $OUT/compare_<device>_<precision>.json. Estimated (never run) 4-6 minutes on one H100, CUDA only;
 # TensorRT adds its engine builds (cached in $WSI_DEEPR_TRT_CACHE, a fresh machine has none).
-# Without a GPU it stops at once, exit 3, with one line saying so.
+# Without a GPU it stops at once, exit 3, with one line saying so; exit 4 where neither
+# CUDA nor TensorRT loads in ONNX Runtime, exit 5 where the staged parts are incomplete.
 #
 # What the lent machine lacks (device README, KINDS.md, 2026-11): its python3 (3.12) has
 # torch with the CUDA 13 libraries (cuBLAS, cuRAND, cuFFT, cuDNN 9 as nvidia-* wheels) and
@@ -75,18 +76,22 @@ prepare() {
   local tree_b part_b
   tree_b=$( { git ls-files -z; git ls-files -z --others --exclude-standard; } \
     | xargs -0 -r stat -c %s -- 2>/dev/null | awk '{s += $1} END {print s + 0}')
-  part_b=$(( 64 * 1024 * 1024 - tree_b - 2 * 1024 * 1024 ))
-  if (( part_b < 4 * 1024 * 1024 )); then
+  part_b=${GPU_CHECK_PART_BYTES:-$(( 64 * 1024 * 1024 - tree_b - 2 * 1024 * 1024 ))}
+  if [[ -z "${GPU_CHECK_PART_BYTES:-}" ]] && (( part_b < 4 * 1024 * 1024 )); then
     echo "gpu_check: the working tree ($tree_b bytes) leaves no room beside it" >&2; exit 2
   fi
   (cd .whl/all && tar -cf ../bundle.tar ./*.whl)
   (cd .whl && split -b "$part_b" -d -a 2 bundle.tar bundle.tar.)
+  local sum parts
+  sum=$(sha256sum .whl/bundle.tar | cut -d' ' -f1)
+  parts=$(ls .whl/bundle.tar.* | wc -l)
   local n=0
   for piece in .whl/bundle.tar.*; do
     n=$((n + 1))
     local dir; dir=$(printf '.whl/part-%02d' "$n")
     mkdir -p "$dir" && mv "$piece" "$dir/"
   done
+  echo "parts=$parts sha256=$sum" >.whl/part-01/bundle.manifest
   rm -rf .whl/all .whl/bundle.tar
   echo "gpu_check: $n parts of at most $((part_b / 1024 / 1024)) MiB beside a $((tree_b / 1024 / 1024)) MiB tree:"
   ls -d .whl/part-*
@@ -95,12 +100,23 @@ prepare() {
 stage() {
   # On the GPU machine: keep one carried part outside the tree, for `run`.
   local dir="${1:?stage needs the carried part folder, e.g. .whl/part-01}"
-  mkdir -p "$STAGE_DIR" && cp "$REPO/$dir"/bundle.tar.* "$STAGE_DIR/"
-  echo "gpu_check: staged $(ls "$STAGE_DIR" | wc -l) part(s) in $STAGE_DIR"
+  mkdir -p "$STAGE_DIR" && cp "$REPO/$dir"/bundle.* "$STAGE_DIR/"
+  echo "gpu_check: staged $(ls "$STAGE_DIR"/bundle.tar.* | wc -l) part(s) in $STAGE_DIR"
 }
 
 install_staged() {
   if compgen -G "$STAGE_DIR/bundle.tar.*" >/dev/null; then
+    # all parts, in one piece, or nothing (a machine given back between calls loses them)
+    local want have sum
+    want=$(sed -n 's/.*sha256=\([0-9a-f]*\).*/\1/p' "$STAGE_DIR/bundle.manifest" 2>/dev/null || true)
+    have=$(ls "$STAGE_DIR"/bundle.tar.* | wc -l)
+    sum=$(cat "$STAGE_DIR"/bundle.tar.* | sha256sum | cut -d' ' -f1)
+    if [[ -z "$want" || "$sum" != "$want" ]]; then
+      say "gpu_check: the $have staged part(s) in $STAGE_DIR do not make the prepared bundle"
+      say "  ($(cat "$STAGE_DIR/bundle.manifest" 2>/dev/null || echo 'no manifest: part-01 not staged')); stage every part again"
+      exit 5
+    fi
+    say "gpu_check: $have staged parts, bundle sha256 ${sum:0:16}... as prepared"
     mkdir -p "$SITE_DIR/wheels"
     cat "$STAGE_DIR"/bundle.tar.* | tar -xf - -C "$SITE_DIR/wheels"
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -130,6 +146,8 @@ run_check() {
   say "== $(date -u +%FT%TZ) gpu_check on $(hostname)"
   nvidia-smi -L | tee -a "$REPORT"
   install_staged
+  compgen -G "$STAGE_DIR/bundle.tar.*" >/dev/null \
+    || say "gpu_check: nothing staged in $STAGE_DIR; using the onnxruntime python3 has"
   cd "$REPO"
   local loads
   loads=$("$PY" - 2>&1 <<'EOF' | tee -a "$REPORT" | tail -n 1
