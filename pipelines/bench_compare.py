@@ -29,6 +29,12 @@ against numpy's sgemm GFLOP/s with as many threads as the run uses. The rows als
 ``--variant MODEL`` (with ``--variant-tile-px``) adds (v): wsi-deepr with another model,
 e.g. an int8 variant, and the ratio (c)/(v). ``--only ab`` runs a subset. MONAI needs the
 ``bench`` extra (``pip install -e '.[bench]'``).
+
+``--device cuda|tensorrt`` and ``--precision fp32|fp16`` run (a), (b) and (e) there and so
+(the naive loop and MONAI keep the best device and plain sessions); the rows then name the
+provider, precision and GPU, and the numpy sgemm comparison is left out:
+
+    python pipelines/bench_compare.py --sizes 8192 --only abe --device cuda --precision fp16
 """
 
 from __future__ import annotations
@@ -157,16 +163,71 @@ def child_monai(
                       "area_mm2": width * height * MPP**2 / 1e6}))  # fmt: skip
 
 
-def child_defaults(slide: str, out: str) -> None:
-    """``wsi-deepr run SLIDE OUT --overwrite --quiet``: what a user gets without tuning."""
+def child_defaults(slide: str, out: str, device: str = "auto", precision: str = "auto") -> None:
+    """``wsi-deepr run SLIDE OUT --overwrite --quiet``: what a user gets without tuning
+    (plus ``--device`` and ``--precision`` where the benchmark names them)."""
     from wsi_deepr.cli import main
     from wsi_deepr.report import Report
 
-    main(["run", slide, out, "--overwrite", "--quiet"])
+    named = zip(("--device", "--precision"), (device, precision), strict=True)
+    flags = [part for flag, value in named if value != "auto" for part in (flag, value)]
+    try:
+        main(["run", slide, out, "--overwrite", "--quiet", *flags])
+    except SystemExit as exc:  # click ends its command with SystemExit(0)
+        if exc.code:
+            raise
     values = Report.read(Path(out) / "report.json").to_dict()
     values["peak_rss_mb"] = peak_rss_mb()
     values["cpu_seconds"] = cpu_seconds()
     print(json.dumps(values))
+
+
+def child_run_on(
+    slide: str, out: str, model: str, tile_px: int, overlap_px: int, device: str, precision: str
+) -> None:
+    """(a) on a chosen device and precision: ``bench_run.child_run`` with both passed on."""
+    from wsi_deepr.allocator import tune_malloc
+    from wsi_deepr.run import refocus_slide
+
+    tune_malloc()  # as the `wsi-deepr` command does
+    report = refocus_slide(slide, out, model=model, tile_px=tile_px, overlap_px=overlap_px,
+                           overwrite=True, device=device, precision=precision)  # fmt: skip
+    values = report.to_dict()
+    values["peak_rss_mb"] = peak_rss_mb()
+    values["cpu_seconds"] = cpu_seconds()
+    print(json.dumps(values))
+
+
+def child_pure_on(
+    model: str, n_tiles: int, tile_px: int, batch_size: int, device: str, precision: str
+) -> None:
+    """(b) on a chosen device and precision: ``bench_run.child_pure`` with the run's
+    predictor settings (precision, batch and tile, so TensorRT gets the run's profile)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_deepr.gpu_session import model_precision, resolve_precision
+    from wsi_deepr.inference import Predictor, plan_threads, select_provider
+    from wsi_deepr.model_registry import card_from_onnx
+
+    card = card_from_onnx(Path(model))
+    workers, threads = plan_threads()
+    provider = select_provider(device)
+    wanted = model_precision(model, resolve_precision(precision, provider))
+    predictor = Predictor(model, provider, threads, card.input_name, card.output_name,
+                          card.in_channels, card.size_multiple, precision=wanted,
+                          batch_size=batch_size, tile_px=tile_px)  # fmt: skip
+    batch = np.random.default_rng(0).standard_normal((batch_size, 3, tile_px, tile_px))
+    batch = batch.astype(np.float32)
+    predictor(batch)  # session creation, engine build and warm-up are not model time
+    n_batches = math.ceil(n_tiles / batch_size)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(lambda _: predictor(batch), range(n_batches)))
+    seconds = time.perf_counter() - started
+    print(json.dumps({"seconds": seconds, "cpu_seconds": time.process_time() - cpu_started,
+                      "tiles": n_batches * batch_size, "workers": workers,
+                      "ort_threads": threads, "provider": provider,
+                      "precision": wanted}))  # fmt: skip
 
 
 def child_sgemm(size: int, repeats: int) -> None:
@@ -189,7 +250,11 @@ def _run_as_child(kind: str, rest: list[str]) -> None:
     elif kind == "monai":
         child_monai(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), int(rest[5]))
     elif kind == "defaults":
-        child_defaults(rest[0], rest[1])
+        child_defaults(rest[0], rest[1], *rest[2:])
+    elif kind == "run_on":
+        child_run_on(rest[0], rest[1], rest[2], int(rest[3]), int(rest[4]), rest[5], rest[6])
+    elif kind == "pure_on":
+        child_pure_on(rest[0], int(rest[1]), int(rest[2]), int(rest[3]), rest[4], rest[5])
     elif kind == "sgemm":
         child_sgemm(int(rest[0]), int(rest[1]))
     elif kind == "run":  # bench_run's children, reached through this script
@@ -218,6 +283,8 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
 
     only = set(args.only)
     tile, overlap = str(args.tile_px), str(args.overlap_px)
+    on = (args.device, args.precision)
+    tuned = on != ("auto", "auto")
     cost = count_macs(model, height_px=args.tile_px, width_px=args.tile_px)
     rows: list[dict[str, Any]] = []
     run_first: dict[str, Any] | None = None
@@ -225,13 +292,17 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
         slide = str(make_slide(workdir / f"slide_{size}.tif", size))
         common = {"size_px": size}
         if "a" in only:
-            row = _child("run", slide, str(workdir / f"a_{size}.zarr"), str(model), tile, overlap)
+            a_out = str(workdir / f"a_{size}.zarr")
+            row = (_child("run_on", slide, a_out, str(model), tile, overlap, *on) if tuned
+                   else _child("run", slide, a_out, str(model), tile, overlap))  # fmt: skip
             rows.append({"contender": "a", **common, **row})
             run_first = run_first or row
             print(_line(rows[-1]), flush=True)
         if "b" in only and index == 0 and run_first is not None:
             n = min(run_first["tiles_run"], args.max_pure_tiles)
-            pure = _child("pure", str(model), str(n), tile, str(run_first["extra"]["batch_size"]))
+            batch = str(run_first["extra"]["batch_size"])
+            pure = (_child("pure_on", str(model), str(n), tile, batch, *on) if tuned
+                    else _child("pure", str(model), str(n), tile, batch))  # fmt: skip
             scale = run_first["tiles_run"] / pure["tiles"]
             seconds = pure["seconds"] * scale
             rows.append(_rates({"contender": "b", **common, **pure, "seconds": seconds,
@@ -250,7 +321,7 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
             rows.append(_rates({"contender": "d", **common, **row}))
             print(_line(rows[-1]), flush=True)
         if "e" in only:
-            row = _child("defaults", slide, str(workdir / f"e_{size}.zarr"))
+            row = _child("defaults", slide, str(workdir / f"e_{size}.zarr"), *on)
             rows.append({"contender": "e", **common, **row})
             print(_line(rows[-1]), flush=True)
         if args.variant:
@@ -262,7 +333,11 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
     threads = (run_first["workers"] * run_first["ort_threads"]) if run_first else os.cpu_count()
     env = {k: str(threads) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                      "MKL_NUM_THREADS")}  # fmt: skip
-    sgemm = _child("sgemm", str(args.sgemm_size), "3", env=env)
+    # numpy's sgemm is the CPU's yardstick; it says nothing of a GPU run
+    on_cpu = args.device in ("auto", "cpu") and all(
+        r.get("provider", "CPUExecutionProvider") == "CPUExecutionProvider" for r in rows
+    )
+    sgemm = _child("sgemm", str(args.sgemm_size), "3", env=env) if on_cpu else {}
     first = {r["contender"]: r for r in rows if r["size_px"] == args.sizes[0]}
     ratios = {}
     pairs = {"a/b": "ab", "c/a": "ca", "d/a": "da", "c/e": "ce", "c/v": "cv"}
@@ -284,7 +359,10 @@ def measure(args: argparse.Namespace, workdir: Path, model: Path) -> dict[str, A
         "mpp": MPP,
         "macs_per_px": cost.macs_per_px,
         "gflop_per_tile": cost.gflop,
-        "sgemm_gflop_per_s": sgemm["gflop_per_s"],
+        "device": args.device,
+        "precision": args.precision,
+        "gpu": _gpu_name(),
+        "sgemm_gflop_per_s": sgemm.get("gflop_per_s"),
         "sgemm_threads": threads,
         "model_gflop_per_s": achieved,
         "ratios_at_first_size": ratios,
@@ -302,6 +380,27 @@ NAMES = {
 }
 
 
+def _gpu_name() -> str | None:
+    """The first GPU's name from ``nvidia-smi``, or ``None`` without one."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip().splitlines()[0] if done.stdout.strip() else None
+
+
+def _where(row: dict[str, Any]) -> str:
+    """``  {CUDA fp16}``: the provider and precision of a row, where it says them."""
+    provider = row.get("provider")
+    precision = row.get("precision") or row.get("extra", {}).get("precision")
+    if provider is None:
+        return ""
+    return f"  {{{provider.removesuffix('ExecutionProvider')} {precision or '?'}}}"
+
+
 def _line(row: dict[str, Any]) -> str:
     rss = row.get("peak_rss_mb")
     return (
@@ -311,6 +410,7 @@ def _line(row: dict[str, Any]) -> str:
         + (f"{rss:7.0f} MB" if rss is not None else "      - ")
         + f"  (CPU {row['cpu_seconds'] / row['area_mm2']:.2f} s/mm2)"
         + (f"  [{row['model_name']}, {row['tile_px']} px tiles]" if "model_name" in row else "")
+        + _where(row)
     )
 
 
@@ -321,7 +421,14 @@ def summary(result: dict[str, Any]) -> str:
     text = ", ".join(f"({k[0]})/({k[2]}) = {v:.3f}" for k, v in ratios)
     lines.append(f"ratios of s/mm2 at the first size: {text}")
     sgemm = result["sgemm_gflop_per_s"]
+    if result.get("gpu"):
+        lines.append(f"GPU: {result['gpu']}; --device {result['device']}, "
+                     f"--precision {result['precision']}")  # fmt: skip
     for key, value in result["model_gflop_per_s"].items():
+        if sgemm is None:
+            lines.append(f"model arithmetic in ({key}): {value:.1f} GFLOP/s; "
+                         f"{result['macs_per_px'] / 1e3:.1f}k MAC/px")  # fmt: skip
+            continue
         lines.append(
             f"model arithmetic in ({key}): {value:.1f} GFLOP/s = {100 * value / sgemm:.0f}% of "
             f"sgemm {sgemm:.1f} GFLOP/s ({result['sgemm_threads']} threads); "
@@ -352,6 +459,10 @@ def main() -> None:
         help="tile of the variant's run (default --tile-px)",
     )
     parser.add_argument("--max-pure-tiles", type=int, default=400)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
+                        help="where (a), (b) and (e) run")  # fmt: skip
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16"], default="auto",
+                        help="model precision of (a), (b) and (e)")  # fmt: skip
     parser.add_argument("--sgemm-size", type=int, default=4096)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)

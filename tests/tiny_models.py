@@ -151,3 +151,45 @@ def make_halving_model(path: str | Path, *, channels: int = 3) -> Path:
         "AveragePool", ["input"], ["output"], kernel_shape=[2, 2], strides=[2, 2]
     )
     return _save(Path(path), [node], channels)
+
+
+def make_tiny_unet(path: str | Path, *, width: int = 8, seed: int = 0) -> Path:
+    """A two-level residual U-Net (RGB in and out, random weights, size multiple 2).
+
+    3x3 convolutions with LeakyReLU, a 2x2 max pool, a 2x2 transposed convolution, a skip
+    concatenation, a 1x1 output convolution and ``output = input + that``: the operators
+    of the shipped generators, small enough for a test, with weights whose fp16 rounding
+    shows in the output.
+    """
+    rng = np.random.default_rng(seed)
+    nodes: list = []
+    initializers: list = []
+
+    def weight(name: str, shape: tuple[int, ...], fan_in: int) -> str:
+        values = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+        initializers.append(numpy_helper.from_array(values.astype(np.float32), name))
+        return name
+
+    def conv(x: str, name: str, c_in: int, c_out: int, k: int = 3, relu: bool = True) -> str:
+        w = weight(f"{name}_w", (c_out, c_in, k, k), c_in * k * k)
+        b = weight(f"{name}_b", (c_out,), c_in * k * k)
+        pads = [k // 2] * 4
+        out = f"{name}_conv" if relu else name
+        nodes.append(helper.make_node("Conv", [x, w, b], [out], kernel_shape=[k, k], pads=pads))
+        if not relu:
+            return out
+        nodes.append(helper.make_node("LeakyRelu", [out], [name], alpha=0.1))
+        return name
+
+    top = conv(conv("input", "e1", 3, width), "e2", width, width)
+    nodes.append(helper.make_node("MaxPool", [top], ["pool"], kernel_shape=[2, 2], strides=[2, 2]))
+    low = conv(conv("pool", "m1", width, 2 * width), "m2", 2 * width, 2 * width)
+    up_w = weight("up_w", (2 * width, width, 2, 2), 2 * width)
+    nodes.append(
+        helper.make_node("ConvTranspose", [low, up_w], ["up"], kernel_shape=[2, 2], strides=[2, 2])
+    )
+    nodes.append(helper.make_node("Concat", [top, "up"], ["cat"], axis=1))
+    dec = conv(conv("cat", "d1", 2 * width, width), "d2", width, width)
+    residual = conv(dec, "head", width, 3, k=1, relu=False)
+    nodes.append(helper.make_node("Add", ["input", residual], ["output"]))
+    return _save(Path(path), nodes, 3, initializers=initializers, metadata={"size_multiple": 2})

@@ -19,6 +19,16 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from wsi_deepr.errors import ModelError, OptionError
+from wsi_deepr.gpu_session import (
+    CPU,
+    CUDA,
+    TENSORRT,
+    TrtProfile,
+    fp16_model,
+    model_precision,
+    provider_options,
+    run_bound,
+)
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -30,12 +40,9 @@ LOG = logging.getLogger("wsi_deepr")
 Device = Literal["auto", "cpu", "cuda", "tensorrt"]
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda", "tensorrt")
 
-CPU = "CPUExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-TENSORRT = "TensorrtExecutionProvider"
 _PROVIDER_OF_DEVICE = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
 
-_SESSIONS: dict[tuple[str, str, int], ort.InferenceSession] = {}
+_SESSIONS: dict[tuple[str, str, int, str, TrtProfile | None], ort.InferenceSession] = {}
 _SESSIONS_LOCK = threading.Lock()
 _PROBED: dict[str, bool] = {}
 
@@ -146,27 +153,53 @@ def select_provider(device: str) -> str:
     return provider
 
 
-def get_session(model_path: str | Path, provider: str, threads: int) -> ort.InferenceSession:
-    """The cached session of this worker process for a model, provider and thread count.
+def get_session(
+    model_path: str | Path,
+    provider: str,
+    threads: int,
+    *,
+    precision: str = "fp32",
+    profile: TrtProfile | None = None,
+) -> ort.InferenceSession:
+    """The cached session of this worker process for a model and its settings.
+
+    Parameters
+    ----------
+    model_path : str or Path
+        The ONNX file.
+    provider : str
+        The execution provider (:func:`select_provider`).
+    threads : int
+        ``intra_op_num_threads``.
+    precision : {"fp32", "fp16", "int8"}
+        ``fp16`` runs the fp16 copy of the model (:func:`wsi_deepr.gpu_session.fp16_model`)
+        on CUDA and the CPU, and the fp32 model with ``trt_fp16_enable`` on TensorRT;
+        ``fp32`` and ``int8`` run the file as it is.
+    profile : TrtProfile, optional
+        TensorRT's optimisation profile; ignored by other providers.
 
     Raises
     ------
     ModelError
         The file is not a loadable ONNX model.
     """
-    key = (str(model_path), provider, int(threads))
+    if provider != TENSORRT:
+        profile = None  # one session whatever the tile, as before
+    key = (str(model_path), provider, int(threads), precision, profile)
     session = _SESSIONS.get(key)
     if session is not None:
         return session
     with _SESSIONS_LOCK:
         session = _SESSIONS.get(key)
         if session is None:
-            session = _create_session(key[0], provider, key[2])
+            session = _create_session(key[0], provider, key[2], precision, profile)
             _SESSIONS[key] = session
     return session
 
 
-def _create_session(model_path: str, provider: str, threads: int) -> ort.InferenceSession:
+def _create_session(
+    model_path: str, provider: str, threads: int, precision: str, profile: TrtProfile | None
+) -> ort.InferenceSession:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -174,8 +207,13 @@ def _create_session(model_path: str, provider: str, threads: int) -> ort.Inferen
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
+    chain = _provider_chain(provider)
+    # TensorRT makes its own fp16 engine from the fp32 graph; the others run a converted copy.
+    converted = precision == "fp16" and provider != TENSORRT
+    path = str(fp16_model(model_path)) if converted else model_path
+    settings = provider_options(chain, precision, profile)  # None on the CPU: as before
     try:
-        return ort.InferenceSession(model_path, options, providers=_provider_chain(provider))
+        return ort.InferenceSession(path, options, providers=chain, provider_options=settings)
     except Exception as exc:  # ORT raises its own unrelated types for every load failure
         raise ModelError(model_path, f"cannot load the ONNX model: {_first_line(exc)}") from exc
 
@@ -209,9 +247,27 @@ class Predictor:
     """Channels the model takes; 1 with a multichannel slide runs channel by channel."""
     size_multiple: int = 1
     """Height and width are padded (reflect) to a multiple of this and cropped back."""
+    precision: str = "fp32"
+    """``fp32``, ``fp16`` (:func:`get_session`) or ``int8`` (a quantised model as it is)."""
+    batch_size: int | None = None
+    """The most tiles per model call on a GPU provider (larger batches are split); with
+    :attr:`tile_px`, TensorRT's optimisation profile. ``None``: no limit, no profile."""
+    tile_px: int | None = None
+    """The run's tile edge, for TensorRT's optimisation profile."""
+    io_binding: bool | None = None
+    """Run through I/O binding; ``None``: on GPU providers only (plain ``run`` on the CPU)."""
 
     @classmethod
-    def for_model(cls, resolved: ResolvedModel, *, provider: str, threads: int) -> Predictor:
+    def for_model(
+        cls,
+        resolved: ResolvedModel,
+        *,
+        provider: str,
+        threads: int,
+        precision: str = "fp32",
+        batch_size: int | None = None,
+        tile_px: int | None = None,
+    ) -> Predictor:
         """The predictor of a resolved model; opens its session now, so a bad file fails early.
 
         Parameters
@@ -222,6 +278,13 @@ class Predictor:
             Execution provider (:func:`select_provider`).
         threads : int
             ``intra_op_num_threads`` of the session.
+        precision : {"fp32", "fp16"}
+            Wanted precision (:func:`wsi_deepr.gpu_session.resolve_precision`); a
+            quantised model keeps its own (``int8``).
+        batch_size : int, optional
+            Tiles per model call (:attr:`batch_size`).
+        tile_px : int, optional
+            The run's tile edge (:attr:`tile_px`).
 
         Returns
         -------
@@ -236,11 +299,33 @@ class Predictor:
             output_name=card.output_name,
             in_channels=card.in_channels,
             size_multiple=card.size_multiple,
+            precision=model_precision(resolved.path, precision),
+            batch_size=batch_size,
+            tile_px=tile_px,
         )
-        session = get_session(predictor.model_path, provider, threads)
+        session = predictor.session()
         check_signature(predictor, session)
         predictor.probe(session)
         return predictor
+
+    def trt_profile(self) -> TrtProfile | None:
+        """TensorRT's profile: the batch and the tile padded to the size multiple."""
+        if self.batch_size is None or self.tile_px is None:
+            return None
+        m = max(1, self.size_multiple)
+        return TrtProfile(
+            self.input_name, self.in_channels, self.batch_size, -(-self.tile_px // m) * m, m
+        )
+
+    def session(self) -> ort.InferenceSession:
+        """This worker's session for the predictor's model and settings."""
+        return get_session(
+            self.model_path,
+            self.provider,
+            self.threads,
+            precision=self.precision,
+            profile=self.trt_profile() if self.provider == TENSORRT else None,
+        )
 
     def probe(self, session: ort.InferenceSession) -> None:
         """Run one small blank tile, so a model that cannot work fails before any output.
@@ -284,9 +369,9 @@ class Predictor:
         if pad_h or pad_w:
             mode = "reflect" if min(h, w) > 1 else "edge"
             x = np.pad(x, ((0, 0), (0, 0), (0, pad_h), (0, pad_w)), mode=mode)  # type: ignore[call-overload]
-        session = get_session(self.model_path, self.provider, self.threads)
+        session = self.session()  # a model or cache that fails says so itself
         try:
-            (y,) = session.run([self.output_name], {self.input_name: x})
+            y = self._run(session, x)
         except Exception as exc:  # ORT's runtime errors have no common public base
             raise ModelError(self.model_path, f"inference failed: {_first_line(exc)}") from exc
         y = np.asarray(y, dtype=np.float32)
@@ -297,6 +382,19 @@ class Predictor:
         if y.shape[2] < h or y.shape[3] < w:
             raise ModelError(self.model_path, f"output {y.shape} smaller than input {x.shape}")
         return y[:, :, :h, :w]
+
+    def _run(self, session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
+        """One model call, or several of at most :attr:`batch_size` tiles on a GPU."""
+        step = self.batch_size if self.provider != CPU and self.batch_size else len(x)
+        if len(x) > step:
+            parts = [self._run(session, x[i : i + step]) for i in range(0, len(x), step)]
+            return np.concatenate(parts)
+        bound = self.io_binding if self.io_binding is not None else self.provider != CPU
+        if bound:
+            device = "cpu" if self.provider == CPU else "cuda"
+            return run_bound(session, self.input_name, self.output_name, x, device=device)
+        (y,) = session.run([self.output_name], {self.input_name: x})
+        return np.asarray(y)
 
 
 def check_signature(predictor: Predictor, session: ort.InferenceSession) -> None:

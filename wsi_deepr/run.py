@@ -18,6 +18,7 @@ import numpy as np
 import wsi_deepr
 from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError, OutputError
+from wsi_deepr.gpu_session import PRECISIONS, resolve_precision
 from wsi_deepr.inference import CPU, Predictor, default_tile_px, plan_threads, select_provider
 from wsi_deepr.model_registry import resolve_model
 from wsi_deepr.refocus import ChunkGraph, default_chunk_px
@@ -62,6 +63,7 @@ def refocus_slide(
     resume: bool = False,
     only_blurred: float | None = None,
     qc: bool = False,
+    precision: str | None = None,
 ) -> Report:
     """Refocus a slide with a Deep-R generator and write an OME-Zarr pyramid.
 
@@ -97,7 +99,8 @@ def refocus_slide(
     strict : bool
         Refuse a slide whose pixel size lies outside the model card's range.
     batch_size : int, optional
-        Tiles per model call: 1 on the CPU (batching only costs memory there), 8 on a GPU.
+        Tiles per model call: 1 on the CPU (batching only costs memory there), 8 on a GPU
+        (where it is also TensorRT's optimisation profile).
     chunk_px : int, optional
         Edge of the output chunks (a multiple of the tile stride near 2048 by default).
     workers : int, optional
@@ -115,6 +118,10 @@ def refocus_slide(
     qc : bool
         Also estimate the defocus, map the output's focus and check the output against
         the input (:mod:`wsi_deepr.qc`).
+    precision : {"auto", "fp32", "fp16"}, optional
+        Arithmetic of the model: by default fp16 on CUDA and TensorRT, fp32 on the CPU
+        (:mod:`wsi_deepr.gpu_session`); an int8 model runs as it is. Recorded in
+        ``report.json``.
 
     Returns
     -------
@@ -139,6 +146,8 @@ def refocus_slide(
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
     if resume and overwrite:
         raise OptionError("--resume", "contradicts --overwrite; pass one of them")
+    if precision not in (None, "auto", *PRECISIONS):
+        raise OptionError("--precision", f"must be auto, fp32 or fp16, got {precision!r}")
     if not isinstance(input, Slide):
         check_output_apart(str(input), str(output))
     out = prepare_output(output, overwrite=overwrite, resume=resume)
@@ -178,7 +187,11 @@ def refocus_slide(
             tile = default_tile_px(provider, selective=only_blurred is not None)
             grid = TileGrid(tile, int(overlap_px)).fitted(slide.shape_yx)
         grid.check_model(min_tile_px=card.size_multiple)
-        predictor = on_worker(_checked_predictor, resolved, provider, ort_threads)
+        if batch_size is None:
+            batch_size = 1 if provider == CPU else 8
+        predictor = on_worker(_checked_predictor, resolved, provider, ort_threads,
+                              resolve_precision(precision, provider), batch_size,
+                              grid.tile_px)  # fmt: skip
 
         from wsi_deepr.tissue import intensity_stats
         from wsi_deepr.tissue import tissue_mask as find_tissue
@@ -209,8 +222,6 @@ def refocus_slide(
         chunk = chunk_px or default_chunk_px(
             grid, shape_yx=slide.shape_yx, min_chunks=2 * n_workers
         )
-        if batch_size is None:
-            batch_size = 1 if provider == CPU else 8
         graph = ChunkGraph(
             slide.data, plan, predictor, mean=mean, std=std, chunk_px=chunk, batch_size=batch_size
         )
@@ -220,6 +231,7 @@ def refocus_slide(
             "overlap_px": grid.overlap_px,
             "device": device,
             "provider": provider,
+            "precision": predictor.precision,
             "ngff": ngff,
             "tissue_mask": tissue_mask,
             "scheduler": scheduler_name,
@@ -266,6 +278,10 @@ def refocus_slide(
             if before != provider:
                 LOG.warning("%s: resumed with %s; chunks written before used %s",
                             out, provider, before)  # fmt: skip
+            before = earlier.get("parameters", {}).get("precision", "fp32")
+            if before != predictor.precision:
+                LOG.warning("%s: resumed in %s; chunks written before are %s",
+                            out, predictor.precision, before)  # fmt: skip
             LOG.info("%s: resuming, %d of %d chunks already stored", out, len(done),
                      graph.n_chunks)  # fmt: skip
         else:
@@ -310,7 +326,8 @@ def refocus_slide(
         ort_threads=ort_threads,
         scheduler=scheduler_name,
         extra={"levels": [list(s) for s in layout.level_shapes], "chunk_px": chunk,
-               "batch_size": batch_size, "report": REPORT_NAME,
+               "batch_size": batch_size, "precision": predictor.precision,
+               "report": REPORT_NAME,
                "chunks_total": graph.n_chunks, "chunks_reused": len(done),
                "chunks_computed": len(blocks), "tiles_run_now": tiles_run_now,
                **({"focus_qc": qc_summary} if qc_summary else {})},
@@ -329,8 +346,12 @@ def refocus_slide(
 Compute = Any
 
 
-def _checked_predictor(resolved: Any, provider: str, threads: int) -> Predictor:
-    return Predictor.for_model(resolved, provider=provider, threads=threads)
+def _checked_predictor(
+    resolved: Any, provider: str, threads: int, precision: str, batch_size: int, tile_px: int
+) -> Predictor:
+    return Predictor.for_model(resolved, provider=provider, threads=threads,
+                               precision=precision, batch_size=batch_size,
+                               tile_px=tile_px)  # fmt: skip
 
 
 @contextlib.contextmanager

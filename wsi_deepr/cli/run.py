@@ -27,6 +27,10 @@ LOG = logging.getLogger("wsi_deepr")
               help="Minimum overlap of neighbouring tiles in pixels (< tile/2).")  # fmt: skip
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda", "tensorrt"]),
               default="auto", show_default=True, help="Where the model runs.")  # fmt: skip
+@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16"]), default="auto",
+              show_default=True,
+              help="Model arithmetic: auto is fp16 on CUDA/TensorRT, fp32 on the CPU; an "
+                   "int8 model runs as it is.")  # fmt: skip
 @click.option("--ngff", type=click.Choice(["0.4", "0.5"]), default="0.5", show_default=True,
               help="OME-Zarr version: 0.5 (zarr v3) or 0.4 (zarr v2, older viewers).")  # fmt: skip
 @click.option("--no-tissue-mask", is_flag=True,
@@ -61,6 +65,7 @@ def run(
     tile_px: int | None,
     overlap_px: int,
     device: str,
+    precision: str,
     ngff: str,
     no_tissue_mask: bool,
     scheduler: str | None,
@@ -91,6 +96,7 @@ def run(
         tile_px=tile_px,
         overlap_px=overlap_px,
         device=device,
+        precision=precision,
         ngff=ngff,
         tissue_mask=not no_tissue_mask,
         scheduler=scheduler,
