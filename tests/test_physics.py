@@ -318,3 +318,54 @@ def test_kohler_blur_at_10_um_is_much_narrower_than_incoherent() -> None:
     assert incoherent == pytest.approx(6.85, rel=0.05)
     assert kohler == pytest.approx(2.85, rel=0.1)
     assert kohler / incoherent < 0.5
+
+
+# --- plumbing: pairs and evaluation settings ------------------------------------------
+
+
+def test_simulation_settings_draw_and_record_the_condenser_na() -> None:
+    from wsi_deepr.pairs import SimulationSettings, simulate_pair
+
+    settings = SimulationSettings.from_dict(
+        "brightfield",
+        {
+            "defocus_range_um": [-10.0, 10.0],
+            "na": 0.75,
+            "mpp_range": [0.25, 0.5],
+            "condenser_na_range": [0.3, 0.9],
+        },
+    )
+    assert settings.condenser_na_range == (0.3, 0.9)
+    region = np.random.default_rng(5).random((3, 96, 96)).astype(np.float32)
+    drawn = []
+    for seed in range(12):
+        x, y, meta = simulate_pair(region, settings, np.random.default_rng(seed), crop_px=48)
+        assert x.shape == y.shape == (3, 48, 48)
+        assert 0.3 <= meta["condenser_na"] <= meta["na"]  # capped at the drawn NA
+        drawn.append(meta["condenser_na"])
+    assert len(set(drawn)) > 1
+    # off by default: the incoherent PSF, and no condenser_na in the meta
+    plain = SimulationSettings("brightfield", (-10.0, 10.0), 0.75, (0.25, 0.5))
+    assert plain.condenser_na_range is None
+    assert (
+        "condenser_na" not in simulate_pair(region, plain, np.random.default_rng(0), crop_px=48)[2]
+    )
+
+
+@pytest.mark.parametrize(
+    ("modality", "value"), [("fluorescence", [0.3, 0.6]), ("brightfield", [0.6, 0.3])]
+)
+def test_simulation_settings_reject_a_bad_condenser_range(modality: str, value: list) -> None:
+    from wsi_deepr.pairs import SimulationSettings
+
+    values = {"defocus_range_um": [-5.0, 5.0], "na": 0.75, "mpp_range": [0.25, 0.5]}
+    with pytest.raises(TypeError, match="condenser_na_range"):
+        SimulationSettings.from_dict(modality, values | {"condenser_na_range": value})
+
+
+def test_eval_settings_pass_the_condenser_na_to_brightfield_optics() -> None:
+    from wsi_deepr.evaluation import EvalSettings
+
+    assert EvalSettings("brightfield", 0.75, 0.3, (0.0,)).optics()[0].condenser_na is None
+    optics = EvalSettings("brightfield", 0.75, 0.3, (0.0,), condenser_na=0.45).optics()
+    assert [o.condenser_na for o in optics] == [0.45, 0.45, 0.45]
