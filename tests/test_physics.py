@@ -1,4 +1,8 @@
-"""Defocus physics against independent references (Airy pattern, Gibson-Lanni PSF)."""
+"""Defocus physics against independent references.
+
+Airy pattern and Gibson-Lanni PSF (incoherent), brute-force Abbe summation over the
+condenser (partially coherent brightfield).
+"""
 
 from __future__ import annotations
 
@@ -148,3 +152,220 @@ def test_jpeg_roundtrip_is_close_and_8_bit() -> None:
     assert decoded.shape == image.shape
     assert np.abs(decoded - image).mean() < 0.01
     assert np.allclose(decoded * 255, np.rint(decoded * 255), atol=1e-4)
+
+
+# --- Köhler (partially coherent) brightfield --------------------------------------------
+
+
+def _second_moment_radius_um(kernel: np.ndarray, mpp: float) -> float:
+    n = kernel.shape[0]
+    yy, xx = (np.mgrid[:n, :n] - n // 2) * mpp
+    return float(np.sqrt((kernel * (yy**2 + xx**2)).sum() / kernel.sum()))
+
+
+def _reference_pupil(
+    n_px: int, mpp: float, na: float, wavelength_um: float, defocus_um: float, sph: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Defocused circular pupil on the grid of an n_px periodic field, and |f|^2."""
+    f = np.fft.fftfreq(n_px, d=mpp)
+    fy, fx = np.meshgrid(f, f, indexing="ij")
+    f2 = fx**2 + fy**2
+    rho2 = f2 / (na / wavelength_um) ** 2
+    kz = np.sqrt(np.maximum(wavelength_um**-2 - f2, 0.0))
+    phase = 2 * np.pi * defocus_um * kz
+    phase = phase + 2 * np.pi * sph * np.sqrt(5.0) * (6 * rho2**2 - 6 * rho2 + 1)
+    return np.where(rho2 <= 1.0, np.exp(1j * phase), 0.0), f2
+
+
+def _abbe_image(
+    transmission: np.ndarray,
+    mpp: float,
+    *,
+    na: float,
+    condenser_na: float,
+    wavelength_um: float,
+    defocus_um: float,
+    sph: float = 0.0,
+) -> np.ndarray:
+    """Partially coherent image by Abbe's method: one coherent image per source point.
+
+    The field is periodic, so the source points are the grid frequencies inside the
+    condenser disc; a tilted plane wave exp(i 2 pi s x) shifts the object's spectrum by s.
+    Normalised by the number of source points (the clear-field intensity is 1).
+    """
+    n = transmission.shape[0]
+    pupil, f2 = _reference_pupil(n, mpp, na, wavelength_um, defocus_um, sph)
+    spectrum = np.fft.fft2(transmission)
+    sources = np.argwhere(f2 <= (condenser_na / wavelength_um) ** 2)
+    image = np.zeros((n, n))
+    for ky, kx in sources:
+        field = np.fft.ifft2(np.roll(spectrum, (ky, kx), axis=(0, 1)) * pupil)
+        image += np.abs(field) ** 2
+    return image / len(sources)
+
+
+def _periodic_blur(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """Circular convolution; a kernel larger than the field is folded onto it."""
+    n, m = image.shape[0], kernel.shape[0]
+    folded = np.zeros((n, n))
+    index = (np.arange(m) - m // 2) % n
+    np.add.at(folded, (index[:, None], index[None, :]), kernel)
+    return np.real(np.fft.ifft2(np.fft.fft2(image) * np.fft.fft2(folded)))
+
+
+@pytest.mark.parametrize(("defocus_um", "sph"), [(0.0, 0.0), (2.0, 0.0), (5.0, 0.0), (-3.0, 0.3)])
+def test_kohler_kernel_matches_abbe_summation_for_a_weak_absorber(
+    defocus_um: float, sph: float
+) -> None:
+    # 0.1 um pixels: finer than the kernel's Nyquist step lambda / (4 NA), so psf() does
+    # not bin and both sides are point samples of the same band-limited image.
+    mpp, n_px, na, wavelength_um = 0.1, 256, 0.75, 0.55
+    rng = np.random.default_rng(3)
+    absorption = rng.uniform(-0.02, 0.02, (n_px, n_px))
+    abbe = _abbe_image(
+        1.0 - absorption,
+        mpp,
+        na=na,
+        condenser_na=0.5 * na,
+        wavelength_um=wavelength_um,
+        defocus_um=defocus_um,
+        sph=sph,
+    )
+    optics = Optics(na, wavelength_um, mpp, spherical_waves=sph, condenser_na=0.5 * na)
+    # |t|^2 = 1 - 2a to first order, blurred by the absorption kernel.
+    predicted = _periodic_blur(1.0 - 2.0 * absorption, psf(optics, defocus_um))
+    contrast_abbe = abbe - abbe.mean()
+    contrast_kernel = predicted - predicted.mean()
+    assert np.corrcoef(contrast_abbe.ravel(), contrast_kernel.ravel())[0, 1] >= 0.99
+    relative_rms = np.sqrt(((contrast_abbe - contrast_kernel) ** 2).mean() / contrast_abbe.var())
+    assert relative_rms < 0.05
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 0.9])
+@pytest.mark.parametrize("defocus_um", [0.0, 3.0, -7.0])
+def test_kohler_kernel_sums_to_one_with_the_incoherent_support(
+    sigma: float, defocus_um: float
+) -> None:
+    optics = Optics(0.75, 0.55, 0.25, condenser_na=0.75 * sigma)
+    kernel = psf(optics, defocus_um)
+    assert kernel.sum() == pytest.approx(1.0, abs=1e-9)
+    assert kernel.shape == psf(Optics(0.75, 0.55, 0.25), defocus_um).shape
+    # Negative lobes (coherent ringing) grow as the illumination gets more coherent:
+    # their total weight is ~0.01 at sigma 0.9, 0.1-0.26 at 0.5 and above 1 at 0.1.
+    negative_weight = -kernel.clip(max=0.0).sum()
+    assert negative_weight < {0.1: 2.5, 0.5: 0.3, 0.9: 0.03}[sigma]
+
+
+def test_condenser_na_is_validated_and_passed_through() -> None:
+    with pytest.raises(ValueError, match="condenser NA"):
+        Optics(0.75, 0.55, 0.25, condenser_na=0.8)
+    with pytest.raises(ValueError, match="condenser NA"):
+        Optics(0.75, 0.55, 0.25, condenser_na=0.0)
+    channels = brightfield_optics(0.75, 0.25, condenser_na=0.5)
+    assert [o.condenser_na for o in channels] == [0.5, 0.5, 0.5]
+    assert channels[0].coherence == pytest.approx(0.5 / 0.75)
+    assert brightfield_optics(0.75, 0.25)[0].condenser_na is None
+
+
+def test_full_condenser_gives_the_incoherent_psf() -> None:
+    """sigma = 1: the absorption transfer function is the incoherent OTF (Hopkins)."""
+    for z in (0.0, 2.0, 5.0):
+        incoherent = psf(Optics(0.75, 0.55, 0.25), z)
+        full = psf(Optics(0.75, 0.55, 0.25, condenser_na=0.75), z)
+        assert np.abs(full - incoherent).sum() < 0.02
+
+
+def test_smaller_condenser_blurs_less() -> None:
+    # The variance of blurred white noise is sum(kernel^2) = integral of |H|^2.
+    for z in (2.0, 5.0, 10.0):
+        narrow = psf(Optics(0.75, 0.55, 0.25, condenser_na=0.075), z)
+        wide = psf(Optics(0.75, 0.55, 0.25, condenser_na=0.675), z)
+        incoherent = psf(Optics(0.75, 0.55, 0.25), z)
+        assert (narrow**2).sum() > 5.0 * (wide**2).sum()
+        assert (wide**2).sum() > (incoherent**2).sum()
+
+
+def test_kohler_blur_grows_with_defocus_and_is_symmetric_without_aberration() -> None:
+    rng = np.random.default_rng(4)
+    texture = rng.random((3, 128, 128)).astype(np.float32)
+    optics = brightfield_optics(0.75, 0.25, condenser_na=0.375)
+    variance = []
+    for z in range(2, 11):
+        plus = defocus_image(texture, float(z), optics=optics)[:, 20:-20, 20:-20]
+        minus = defocus_image(texture, -float(z), optics=optics)[:, 20:-20, 20:-20]
+        assert np.abs(plus - minus).max() < 1e-5
+        variance.append(float(plus.var()))
+    assert all(b < a for a, b in itertools.pairwise(variance))
+
+
+def test_kohler_spherical_aberration_breaks_the_plus_minus_symmetry() -> None:
+    plain = Optics(0.75, 0.55, 0.25, condenser_na=0.375)
+    aberrated = Optics(0.75, 0.55, 0.25, spherical_waves=0.5, condenser_na=0.375)
+    for z in (1.0, 3.0):
+        same = np.abs(psf(plain, z, size_px=101) - psf(plain, -z, size_px=101)).max()
+        differ = np.abs(psf(aberrated, z, size_px=101) - psf(aberrated, -z, size_px=101)).max()
+        assert same < 1e-12
+        assert differ > 1e-3
+
+
+def test_kohler_blur_at_10_um_is_much_narrower_than_incoherent() -> None:
+    """20x/0.75, sigma 0.5, z = 10 um: the shadow of the illumination cone, radius about
+    z tan(asin(NA_c)) = 4.0 um (second moment ~2.85 um), not the objective's 11.3 um disc
+    (second moment ~6.85 um)."""
+    mpp = 0.25
+    kohler = _second_moment_radius_um(psf(Optics(0.75, 0.55, mpp, condenser_na=0.375), 10), mpp)
+    incoherent = _second_moment_radius_um(psf(Optics(0.75, 0.55, mpp), 10.0), mpp)
+    assert incoherent == pytest.approx(6.85, rel=0.05)
+    assert kohler == pytest.approx(2.85, rel=0.1)
+    assert kohler / incoherent < 0.5
+
+
+# --- plumbing: pairs and evaluation settings ------------------------------------------
+
+
+def test_simulation_settings_draw_and_record_the_condenser_na() -> None:
+    from wsi_deepr.pairs import SimulationSettings, simulate_pair
+
+    settings = SimulationSettings.from_dict(
+        "brightfield",
+        {
+            "defocus_range_um": [-10.0, 10.0],
+            "na": 0.75,
+            "mpp_range": [0.25, 0.5],
+            "condenser_na_range": [0.3, 0.9],
+        },
+    )
+    assert settings.condenser_na_range == (0.3, 0.9)
+    region = np.random.default_rng(5).random((3, 96, 96)).astype(np.float32)
+    drawn = []
+    for seed in range(12):
+        x, y, meta = simulate_pair(region, settings, np.random.default_rng(seed), crop_px=48)
+        assert x.shape == y.shape == (3, 48, 48)
+        assert 0.3 <= meta["condenser_na"] <= meta["na"]  # capped at the drawn NA
+        drawn.append(meta["condenser_na"])
+    assert len(set(drawn)) > 1
+    # off by default: the incoherent PSF, and no condenser_na in the meta
+    plain = SimulationSettings("brightfield", (-10.0, 10.0), 0.75, (0.25, 0.5))
+    assert plain.condenser_na_range is None
+    assert (
+        "condenser_na" not in simulate_pair(region, plain, np.random.default_rng(0), crop_px=48)[2]
+    )
+
+
+@pytest.mark.parametrize(
+    ("modality", "value"), [("fluorescence", [0.3, 0.6]), ("brightfield", [0.6, 0.3])]
+)
+def test_simulation_settings_reject_a_bad_condenser_range(modality: str, value: list) -> None:
+    from wsi_deepr.pairs import SimulationSettings
+
+    values = {"defocus_range_um": [-5.0, 5.0], "na": 0.75, "mpp_range": [0.25, 0.5]}
+    with pytest.raises(TypeError, match="condenser_na_range"):
+        SimulationSettings.from_dict(modality, values | {"condenser_na_range": value})
+
+
+def test_eval_settings_pass_the_condenser_na_to_brightfield_optics() -> None:
+    from wsi_deepr.evaluation import EvalSettings
+
+    assert EvalSettings("brightfield", 0.75, 0.3, (0.0,)).optics()[0].condenser_na is None
+    optics = EvalSettings("brightfield", 0.75, 0.3, (0.0,), condenser_na=0.45).optics()
+    assert [o.condenser_na for o in optics] == [0.45, 0.45, 0.45]

@@ -158,12 +158,17 @@ class EvalSettings:
     """Primary spherical aberration."""
     seed: int = 0
     """Noise seed."""
+    condenser_na: float | None = None
+    """Brightfield Köhler condenser NA (partially coherent model); ``None``: incoherent."""
 
     def optics(self) -> tuple[physics.Optics, ...]:
         """Optics of each channel."""
         if self.modality == "brightfield":
             return physics.brightfield_optics(
-                self.na, self.mpp, spherical_waves=self.spherical_waves
+                self.na,
+                self.mpp,
+                spherical_waves=self.spherical_waves,
+                condenser_na=self.condenser_na,
             )
         return (physics.Optics(self.na, self.emission_um, self.mpp, 1.0, self.spherical_waves),)
 

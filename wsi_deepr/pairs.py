@@ -75,6 +75,20 @@ class SimulationSettings:
     """Fraction of pairs at z = 0, so in-focus inputs are left unharmed."""
     colour_jitter: float = 0.1
     """Brightfield stain variation: optical density scaled by 1 +/- this per channel."""
+    condenser_na_range: tuple[float, float] | None = None
+    """Brightfield only: Köhler condenser NA drawn uniformly in this range per pair (capped
+    at the pair's NA), for the partially coherent model of :mod:`wsi_deepr.physics`.
+    ``None``: the incoherent PSF."""
+
+    def __post_init__(self) -> None:
+        if self.condenser_na_range is not None:
+            lo, hi = self.condenser_na_range
+            if self.modality != "brightfield":
+                raise ValueError("condenser_na_range applies to brightfield only")
+            if not 0 < lo <= hi:
+                raise ValueError(
+                    f"condenser_na_range {self.condenser_na_range} must be 0 < lo <= hi"
+                )
 
     @classmethod
     def from_dict(cls, modality: str, values: dict[str, Any]) -> SimulationSettings:
@@ -83,7 +97,7 @@ class SimulationSettings:
         Raises
         ------
         TypeError
-            Unknown or missing keys.
+            Unknown or missing keys, or an invalid ``condenser_na_range``.
         """
         sim = dict(values)
         for key in (
@@ -92,10 +106,14 @@ class SimulationSettings:
             "emission_um_range",
             "photons_range",
             "jpeg_quality_range",
+            "condenser_na_range",
         ):
-            if key in sim:
+            if sim.get(key) is not None:
                 sim[key] = tuple(sim[key])
-        return cls(modality=modality, **sim)  # type: ignore[arg-type]
+        try:
+            return cls(modality=modality, **sim)  # type: ignore[arg-type]
+        except ValueError as exc:  # the callers report TypeError as a config error
+            raise TypeError(str(exc)) from None
 
 
 def list_sources(data_dir: Path, modality: str) -> list[SourceImage]:
@@ -299,7 +317,8 @@ def simulate_pair(
     -------
     input, target : ndarray of shape (C, crop_px, crop_px), float32 in [0, 1]
     meta : dict
-        ``defocus_um``, ``mpp``, ``na``, ``spherical_waves``, ``photons``.
+        ``defocus_um``, ``mpp``, ``na``, ``spherical_waves``, ``photons``, and
+        ``condenser_na`` when ``settings.condenser_na_range`` is set.
     """
     lo, hi = settings.defocus_range_um
     z = 0.0 if rng.random() < settings.in_focus_fraction else float(rng.uniform(lo, hi))
@@ -307,12 +326,19 @@ def simulate_pair(
     na = float(settings.na + rng.uniform(-settings.na_jitter, settings.na_jitter))
     sph = float(rng.uniform(-settings.spherical_waves_max, settings.spherical_waves_max))
     photons = float(math.exp(rng.uniform(*np.log(settings.photons_range))))
+    condenser_na = None
+    if settings.condenser_na_range is not None and settings.modality == "brightfield":
+        condenser_na = min(float(rng.uniform(*settings.condenser_na_range)), na)
     target = region
     optics: tuple[physics.Optics, ...]
     if settings.modality == "brightfield":
         target = _colour_jitter(region, rng, settings.colour_jitter)
         optics = physics.brightfield_optics(
-            na, mpp, immersion_index=settings.immersion_index, spherical_waves=sph
+            na,
+            mpp,
+            immersion_index=settings.immersion_index,
+            spherical_waves=sph,
+            condenser_na=condenser_na,
         )
         linear = srgb_to_linear(target)
     else:
@@ -333,6 +359,8 @@ def simulate_pair(
     else:
         defocused = np.clip(noisy[window], 0.0, 1.0)
     meta = {"defocus_um": z, "mpp": mpp, "na": na, "spherical_waves": sph, "photons": photons}
+    if condenser_na is not None:
+        meta["condenser_na"] = condenser_na
     return defocused.astype(np.float32), np.ascontiguousarray(target[window]), meta
 
 
