@@ -96,14 +96,19 @@ def _reduce(region: np.ndarray, factor: int) -> np.ndarray:
 def _grey(raw: np.ndarray, scale: float, factor: int) -> np.ndarray:
     """Channel mean of a ``(c, y, x)`` region as float32 in [0, 1], reduced by ``factor``.
 
-    Integer pixels are summed over channels in integers and converted once (a third of
-    the float work of converting every channel of RGB first).
+    8-bit pixels are summed over channels in 16-bit integers and converted once (a third
+    of the float work of converting every channel of RGB first).
     """
     n_channels = raw.shape[0]
-    if raw.dtype.kind in "iu" and raw.dtype.itemsize <= 2 and n_channels <= 256:
-        total = np.add.reduce(raw, axis=0, dtype=np.int32).astype(np.float32)
+    if raw.dtype == np.uint8 and n_channels <= 257:
+        summed = raw[0].astype(np.uint16)
+        for channel in raw[1:]:
+            summed += channel
+        total = summed.astype(np.float32)
     else:
-        total = np.add.reduce(raw, axis=0, dtype=np.float32)
+        total = raw[0].astype(np.float32)
+        for channel in raw[1:]:
+            total += channel
     total *= np.float32(1.0 / (n_channels * scale))
     return _reduce(total[None], factor)[0]
 
@@ -212,7 +217,10 @@ def read_padded(data: object, y0: int, y1: int, x0: int, x1: int, halo: int) -> 
     height, width = int(data.shape[1]), int(data.shape[2])  # type: ignore[attr-defined]
     ry0, ry1 = max(0, y0 - halo), min(height, y1 + halo)
     rx0, rx1 = max(0, x0 - halo), min(width, x1 + halo)
-    region = np.asarray(data[:, ry0:ry1, rx0:rx1])  # type: ignore[index]
+    part = data[:, ry0:ry1, rx0:rx1]  # type: ignore[index]
+    # Dask: computed in the calling thread (the scan's block threads are the parallelism;
+    # the default scheduler would queue the read on its own pool).
+    region = np.asarray(part.compute(scheduler="sync") if hasattr(part, "dask") else part)
     pads = ((0, 0), (ry0 - (y0 - halo), (y1 + halo) - ry1), (rx0 - (x0 - halo), (x1 + halo) - rx1))
     if not any(p for axis in pads for p in axis):
         return region
