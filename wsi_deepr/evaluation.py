@@ -183,7 +183,10 @@ def settings_for(
     """Evaluation settings from a model card: z = 0, +/-1, +/-2 ... up to its range.
 
     Uses the card's NA (0.75 brightfield / 0.95 fluorescence if absent) and the middle of
-    its mpp range. ``quick`` keeps every other integer z, 2 fields and 192 px crops.
+    its mpp range; brightfield is imaged under Köhler illumination with a typical condenser
+    (:func:`wsi_deepr.physics.typical_condenser_na`, 0.5 at NA 0.75; pass
+    ``condenser_na=None`` for the incoherent model). ``quick`` keeps every other integer
+    z, 2 fields and 192 px crops.
     ``z_max_um`` widens the z range to +/- that (models trained on a shorter range are
     then also seen beyond it, as in the paper's Fig. 8).
     """
@@ -198,6 +201,8 @@ def settings_for(
     if quick:
         zs = [z for z in zs if z % 2 == 0]
         values = {"n_fovs": 2, "crop_px": 192}
+    if model.modality == "brightfield":  # Köhler illumination, as a scanner images H&E
+        values["condenser_na"] = physics.typical_condenser_na(na)
     values.update(overrides)
     return EvalSettings(model.modality, na, round(0.5 * (lo + hi), 4), tuple(zs), **values)
 

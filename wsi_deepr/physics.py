@@ -54,6 +54,26 @@ FloatArray = NDArray[np.floating]
 #: Wavelengths (micrometres) used for the R, G and B channels of brightfield images.
 BRIGHTFIELD_WAVELENGTHS_UM: tuple[float, float, float] = (0.61, 0.54, 0.46)
 
+#: Condenser aperture as a fraction of the objective's in a typical Köhler set-up (the
+#: usual advice: open the condenser to 2/3-3/4 of the objective NA); 0.5 at 20x/0.75.
+TYPICAL_COHERENCE_SIGMA = 2.0 / 3.0
+
+
+def typical_condenser_na(na: float) -> float:
+    """Condenser NA of a typical Köhler brightfield set-up for an objective of ``na``.
+
+    Parameters
+    ----------
+    na : float
+        Objective numerical aperture.
+
+    Returns
+    -------
+    float
+        ``TYPICAL_COHERENCE_SIGMA * na``, rounded to 3 decimals.
+    """
+    return round(TYPICAL_COHERENCE_SIGMA * float(na), 3)
+
 
 @dataclass(frozen=True, slots=True)
 class Optics:

@@ -1,11 +1,12 @@
 """``wsi-deepr demo OUTDIR``: defocus the bundled sample with a tilt, refocus it, compare.
 
 Reads ``wsi_deepr/samples/CMU-1-Small-Region.svs`` (H&E, 0.499 um/px), puts it out of
-focus with the physics module as a sample tilted along y (defocus from ``-max`` to
-``+max`` micrometres), writes that as a tiled TIFF slide, runs :func:`refocus_slide` on
-it with the default shipped model, and writes ``OUTDIR/out.zarr``,
-``OUTDIR/side_by_side.png`` (input | output | ground truth, a full-resolution crop of the
-most defocused band) and prints SSIM before and after and s/mm2.
+focus with the physics module (Köhler brightfield, typical condenser) as a sample tilted
+along y (defocus from ``-max`` to ``+max`` micrometres), writes that as a tiled TIFF
+slide, runs :func:`refocus_slide` on it with the default shipped model, and writes
+``OUTDIR/out.zarr``, ``OUTDIR/side_by_side.png`` (input | output | ground truth, a
+full-resolution crop of the most defocused band) and prints SSIM before and after and
+s/mm2.
 """
 
 from __future__ import annotations
@@ -58,7 +59,12 @@ def run_demo(
 
     from wsi_deepr.errors import OutputError
     from wsi_deepr.model_registry import resolve_model
-    from wsi_deepr.physics import brightfield_optics, defocus_image, tilt_defocus_map
+    from wsi_deepr.physics import (
+        brightfield_optics,
+        defocus_image,
+        tilt_defocus_map,
+        typical_condenser_na,
+    )
     from wsi_deepr.readers import open_slide
     from wsi_deepr.run import refocus_slide
 
@@ -83,7 +89,7 @@ def run_demo(
     blurred = defocus_image(
         truth.astype(np.float32) / 255.0,
         defocus_map,
-        optics=brightfield_optics(na, mpp),
+        optics=brightfield_optics(na, mpp, condenser_na=typical_condenser_na(na)),
         z_step_um=0.25,
     )
     defocused = np.clip(np.rint(blurred * 255.0), 0, 255).astype(np.uint8)
