@@ -106,6 +106,54 @@ def test_identity_model_reproduces_the_input_bit_for_bit(case, seed, dtype):
         np.testing.assert_array_equal(result, image)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(8, 48).flatmap(
+        lambda t: st.tuples(st.just(t), st.integers(0, (t - 1) // 2), st.integers(20, 160),
+                            st.integers(20, 160))  # fmt: skip
+    ),
+    st.integers(0, 2**32 - 1),
+)
+def test_partly_refocused_chunks_match_a_direct_blend(case, seed):
+    """Chunks where only some tiles run the model (``--only-blurred``) against the blend
+    computed directly in float64: within one grey level everywhere, and the input itself
+    wherever no model tile reaches."""
+    tile_px, overlap_px, height, width = case
+    grid = TileGrid(tile_px, overlap_px)
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 4096, (2, height, width), dtype=np.uint16)
+    mask = rng.random((max(1, height // 8), max(1, width // 8))) > 0.7
+    plan = plan_tiles((height, width), grid, mask=mask, mask_downsample=8)
+    mean, std = np.array([1800.0, 2100.0]), np.array([700.0, 900.0])
+
+    def model(batch: np.ndarray) -> np.ndarray:  # not the identity: a visible change
+        return np.tanh(batch) * 1.5 + 0.25
+
+    out = refocus_array(
+        da.from_array(image, chunks=(2, 29, 31)), plan, model, mean=mean, std=std,
+        chunk_px=default_chunk_px(grid, target_px=int(rng.integers(1, 90))), batch_size=2,
+    ).compute(scheduler="sync")  # fmt: skip
+
+    m, s = mean[:, None, None], std[:, None, None]
+    normalised = (image - m) / s
+    total = np.zeros(image.shape)
+    reached = np.zeros((height, width), dtype=bool)
+    tile_h, tile_w = plan.tile_hw
+    for i, (oy, wy) in enumerate(zip(plan.origins_y, plan.weights_y, strict=True)):
+        for j, (ox, wx) in enumerate(zip(plan.origins_x, plan.weights_x, strict=True)):
+            window = (slice(None), slice(oy, oy + tile_h), slice(ox, ox + tile_w))
+            tile = normalised[window]
+            if plan.tissue[i, j]:
+                tile = model(tile)
+                reached[window[1:]] |= (wy[:, None] * wx[None, :]) > 0
+            total[window] += wy[:, None] * wx[None, :] * tile
+    expected = np.clip(np.rint(total * s + m), 0, 65535)
+    assert np.abs(out.astype(np.int64) - expected).max() <= 1
+    np.testing.assert_array_equal(out[:, ~reached], image[:, ~reached])
+    if plan.tissue.any():
+        assert not np.array_equal(out, image)
+
+
 def test_tissue_plan_marks_tiles_touching_the_mask():
     mask = np.zeros((10, 10), dtype=bool)
     mask[0, 0] = True  # level pixels 0..99 x 0..99

@@ -8,7 +8,9 @@ tiles through, and accumulates ``weight x output`` over that region: the chunk i
 a spill of at most ``tile_px - 1`` pixels to the right and below. A second task per chunk
 adds the spills of its upper, left and upper-left neighbours (an overlap-add), converts
 back from slide-level normalisation and casts to the slide's dtype. Because the blending
-weights are an exact partition of unity, no seam shows at tile or chunk borders.
+weights are an exact partition of unity, no seam shows at tile or chunk borders. Where
+no tile of a chunk runs the model its core is the input, copied; where only some do
+(``--only-blurred``), only the bounding box of those tiles is blended in float.
 
 With chunks a multiple of the tile stride (:func:`default_chunk_px`) a spill is only
 ``overlap_px`` wide, so what waits in memory between chunks is a thin strip. Each chunk's
@@ -368,59 +370,29 @@ def _partial_chunk(
     the right, below and lower right (also saved to ``progress`` when given), and how
     many tiles went through the model.
     """
-    if region_read is not None and origins_y.size and origins_x.size and not tissue.any():
+    has_tiles = region_read is not None and origins_y.size and origins_x.size
+    if has_tiles and not tissue.any():
+        assert region_read is not None
         return _passed_through(
             region_read.read(), geometry, origins_y, origins_x, weights_y, weights_x, scaling,
             progress,
         )  # fmt: skip
-    acc = np.zeros(geometry.region_shape, dtype=np.float32)
-    mean, std = scaling.mean, scaling.std
+    if has_tiles and not tissue.all():
+        assert region_read is not None
+        return _mixed(
+            region_read.read(), geometry, origins_y, origins_x, weights_y, weights_x, tissue,
+            model, scaling, progress,
+        )  # fmt: skip
     tiles_run = 0
-    if region_read is not None and origins_y.size and origins_x.size:
+    if has_tiles:
+        assert region_read is not None
         region = region_read.read()
-        tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
-        pending: list[tuple[int, int]] = []
-        # Tiles share a handful of distinct weight rows (inner ones, edges): one 2-D
-        # weight per distinct pair, the same product as tile by tile.
-        kind_y = np.unique(weights_y, axis=0, return_inverse=True)[1].ravel()
-        kind_x = np.unique(weights_x, axis=0, return_inverse=True)[1].ravel()
-        weights_2d: dict[tuple[int, int], np.ndarray] = {}
-
-        def normalised(i: int, j: int) -> np.ndarray:
-            y, x = int(origins_y[i]), int(origins_x[j])
-            # a new float32 array (float32 input is not normalised in place, twice)
-            tile = region[:, y : y + tile_h, x : x + tile_w]
-            tile = np.subtract(tile, mean, dtype=np.float32)
-            tile /= std
-            return tile
-
-        def add(i: int, j: int, output: np.ndarray) -> None:
-            y, x = int(origins_y[i]), int(origins_x[j])
-            kind = (int(kind_y[i]), int(kind_x[j]))
-            weight = weights_2d.get(kind)
-            if weight is None:
-                weight = weights_2d[kind] = weights_y[i][:, None] * weights_x[j][None, :]
-            output *= weight  # the model's output or a fresh array: ours to change
-            acc[:, y : y + tile_h, x : x + tile_w] += output
-
-        def flush() -> None:
-            nonlocal tiles_run
-            tiles_run += len(pending)
-            outputs = model(np.stack([normalised(i, j) for i, j in pending]))
-            for (i, j), output in zip(pending, outputs, strict=True):
-                add(i, j, output)
-            pending.clear()
-
-        for i in range(origins_y.size):
-            for j in range(origins_x.size):
-                if not tissue[i, j]:
-                    add(i, j, normalised(i, j))  # background passes through
-                    continue
-                pending.append((i, j))
-                if len(pending) == scaling.batch_size:
-                    flush()
-        if pending:
-            flush()
+        box = (0, region.shape[1], 0, region.shape[2])
+        acc, tiles_run = _blend_tiles(
+            region, box, origins_y, origins_x, weights_y, weights_x, tissue, model, scaling
+        )
+    else:
+        acc = np.zeros(geometry.region_shape, dtype=np.float32)
     chunk_h, chunk_w = geometry.chunk_hw
     top_px, left_px = geometry.margin_yx
     core = np.zeros((acc.shape[0], chunk_h, chunk_w), dtype=scaling.dtype)
@@ -439,6 +411,148 @@ def _partial_chunk(
         *spills,
         tiles_run,
     )
+
+
+def _blend_tiles(
+    region: np.ndarray,
+    box: tuple[int, int, int, int],
+    origins_y: np.ndarray,
+    origins_x: np.ndarray,
+    weights_y: np.ndarray,
+    weights_x: np.ndarray,
+    tissue: np.ndarray,
+    model: BatchModel,
+    scaling: _Scaling,
+) -> tuple[np.ndarray, int]:
+    """``sum(weight x output)`` of the tiles over ``box = (y0, y1, x0, x1)`` of the region.
+
+    Tissue tiles go through the model in batches, the others pass their normalised input
+    through; tiles reaching past the box are clipped to it. Every pixel of the box gets
+    its tiles' terms in the same order whatever the box, so its value does not depend
+    on it. Returns the float32 sums (the box's shape) and the number of model tiles.
+    """
+    by0, by1, bx0, bx1 = box
+    acc = np.zeros((region.shape[0], by1 - by0, bx1 - bx0), dtype=np.float32)
+    mean, std = scaling.mean, scaling.std
+    tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
+    pending: list[tuple[int, int]] = []
+    tiles_run = 0
+    # Tiles share a handful of distinct weight rows (inner ones, edges): one 2-D weight
+    # per distinct pair, the same product as tile by tile.
+    kind_y = np.unique(weights_y, axis=0, return_inverse=True)[1].ravel()
+    kind_x = np.unique(weights_x, axis=0, return_inverse=True)[1].ravel()
+    weights_2d: dict[tuple[int, int], np.ndarray] = {}
+    rows = [i for i in range(origins_y.size) if origins_y[i] < by1 and origins_y[i] + tile_h > by0]
+    cols = [j for j in range(origins_x.size) if origins_x[j] < bx1 and origins_x[j] + tile_w > bx0]
+
+    def clip(i: int, j: int) -> tuple[slice, slice, slice, slice]:
+        """(rows, cols) of the tile's part inside the box: in the tile, in the box."""
+        y, x = int(origins_y[i]), int(origins_x[j])
+        y0, y1 = max(y, by0), min(y + tile_h, by1)
+        x0, x1 = max(x, bx0), min(x + tile_w, bx1)
+        return (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x),
+                slice(y0 - by0, y1 - by0), slice(x0 - bx0, x1 - bx0))  # fmt: skip
+
+    def normalised(i: int, j: int, whole: bool) -> np.ndarray:
+        y, x = int(origins_y[i]), int(origins_x[j])
+        tile = region[:, y : y + tile_h, x : x + tile_w]
+        if not whole:  # a pass-through tile: only its part in the box is needed
+            ty, tx, _, _ = clip(i, j)
+            tile = tile[:, ty, tx]
+        # a new float32 array (float32 input is not normalised in place, twice)
+        tile = np.subtract(tile, mean, dtype=np.float32)
+        tile /= std
+        return tile
+
+    def add(i: int, j: int, output: np.ndarray, whole: bool) -> None:
+        kind = (int(kind_y[i]), int(kind_x[j]))
+        weight = weights_2d.get(kind)
+        if weight is None:
+            weight = weights_2d[kind] = weights_y[i][:, None] * weights_x[j][None, :]
+        ty, tx, ay, ax = clip(i, j)
+        if whole and output.shape[1:] != (ty.stop - ty.start, tx.stop - tx.start):
+            output = output[:, ty, tx]
+        output *= weight[ty, tx]  # the model's output or a fresh array: ours to change
+        acc[:, ay, ax] += output
+
+    def flush() -> None:
+        nonlocal tiles_run
+        tiles_run += len(pending)
+        outputs = model(np.stack([normalised(i, j, True) for i, j in pending]))
+        for (i, j), output in zip(pending, outputs, strict=True):
+            add(i, j, output, True)
+        pending.clear()
+
+    for i in rows:
+        for j in cols:
+            if not tissue[i, j]:
+                add(i, j, normalised(i, j, False), False)  # background passes through
+                continue
+            pending.append((i, j))
+            if len(pending) == scaling.batch_size:
+                flush()
+    if pending:
+        flush()
+    return acc, tiles_run
+
+
+def _mixed(
+    region: np.ndarray,
+    geometry: _ChunkGeometry,
+    origins_y: np.ndarray,
+    origins_x: np.ndarray,
+    weights_y: np.ndarray,
+    weights_x: np.ndarray,
+    tissue: np.ndarray,
+    model: BatchModel,
+    scaling: _Scaling,
+    progress: ChunkProgress | None,
+) -> tuple[Any, ...]:
+    """:func:`_partial_chunk` for a chunk where some tiles go through the model.
+
+    The chunk is first passed through (:func:`_passed_through`: the core copied, the
+    margins and spills weighted at once); then, over the bounding box of its model tiles
+    only, every tile reaching the box is blended in float (:func:`_blend_tiles`) and
+    replaces those pixels: the same values there as blending the whole chunk, with the
+    float work of the box (``--only-blurred`` chunks with a few blurred tiles).
+    """
+    tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
+    run_rows, run_cols = np.nonzero(tissue)
+    by0, bx0 = int(origins_y[run_rows].min()), int(origins_x[run_cols].min())
+    by1 = min(int(origins_y[run_rows].max()) + tile_h, region.shape[1])
+    bx1 = min(int(origins_x[run_cols].max()) + tile_w, region.shape[2])
+    core, top, left, right, bottom, corner, _ = _passed_through(
+        region, geometry, origins_y, origins_x, weights_y, weights_x, scaling, None
+    )
+    acc, tiles_run = _blend_tiles(
+        region, (by0, by1, bx0, bx1), origins_y, origins_x, weights_y, weights_x, tissue,
+        model, scaling,
+    )  # fmt: skip
+    chunk_h, chunk_w = geometry.chunk_hw
+    top_px, left_px = geometry.margin_yx
+
+    def overlay(piece: np.ndarray, origin_yx: tuple[int, int], finish: bool = False) -> None:
+        py0, px0 = origin_yx
+        y0, y1 = max(by0, py0), min(by1, py0 + piece.shape[1])
+        x0, x1 = max(bx0, px0), min(bx1, px0 + piece.shape[2])
+        if y1 <= y0 or x1 <= x0:
+            return
+        source = acc[:, y0 - by0 : y1 - by0, x0 - bx0 : x1 - bx0]
+        target = piece[:, y0 - py0 : y1 - py0, x0 - px0 : x1 - px0]
+        if finish:
+            _finish_into(target, source, scaling)
+        else:
+            target[...] = source
+
+    overlay(core[:, top_px:, left_px:], (top_px, left_px), finish=True)
+    overlay(top, (0, 0))
+    overlay(left, (top_px, 0))
+    overlay(right, (0, chunk_w))
+    overlay(bottom, (chunk_h, 0))
+    overlay(corner, (chunk_h, chunk_w))
+    if progress is not None:
+        progress.save_spills(geometry.index, (right, bottom, corner))
+    return (core, top, left, right, bottom, corner, tiles_run)
 
 
 def _passed_through(
