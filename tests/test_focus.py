@@ -217,6 +217,15 @@ def test_lone_blurred_cells_get_no_model_tile():
     # a diagonal pair is one region (8-connected): kept with a threshold of 2
     pair = tiles_needing_model(fmap, plan, grow_cells=0, min_region_cells=2)
     assert pair[-1, 0] and not pair[0, -1]
+    # two pairs split by one unjudged cell (glass) are one region of 4 blurred cells
+    split = np.zeros((16, 16), dtype=np.float32)
+    split[1, 12:14] = -5.0
+    split[1, 14] = np.nan
+    split[1, 15] = split[2, 15] = -5.0
+    gap = tiles_needing_model(FocusMap(32, 0.5, split, fmap.tissue, -4.0), plan, grow_cells=0)
+    assert gap[0, -1]
+    split[2, 15] = 0.0  # three blurred cells: too few
+    assert not tiles_needing_model(FocusMap(32, 0.5, split, fmap.tissue, -4.0), plan).any()
 
 
 def test_only_blurred_default_in_the_cli_is_the_library_default():

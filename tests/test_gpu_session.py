@@ -173,14 +173,19 @@ def test_fp16_on_the_cpu_is_fp32_arithmetic_on_fp16_rounded_weights(unet, tmp_pa
 # ----------------------------------------------------------------------------- sessions
 def test_cpu_sessions_get_no_provider_options_and_gpu_sessions_theirs(cache_in_tmp):
     assert provider_options([CPU], "fp32", None) is None
-    profile = TrtProfile("input", 3, 8, 512, 8)
+    profile = TrtProfile("input", 3, 8, 512, 8, "ab" * 32)
     trt, cuda, cpu = provider_options([TENSORRT, CUDA, CPU], "fp16", profile)
     assert trt["trt_fp16_enable"] == "1"
     assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "1"
     assert trt["trt_engine_cache_path"] == str(cache_in_tmp) and cache_in_tmp.is_dir()
     assert trt["trt_profile_min_shapes"] == "input:1x3x8x8"
     assert trt["trt_profile_opt_shapes"] == trt["trt_profile_max_shapes"] == "input:8x3x512x512"
-    assert trt["trt_engine_cache_prefix"] == "wsi_deepr_b8_t512_m8_fp16"
+    assert trt["trt_engine_cache_prefix"] == "wsi_deepr_abababababababab_b8_t512_m8_fp16"
+    # another model file of the same architecture gets its own engine
+    retrained = provider_options(
+        [TENSORRT, CPU], "fp16", TrtProfile("input", 3, 8, 512, 8, "cd" * 32)
+    )
+    assert retrained[0]["trt_engine_cache_prefix"] != trt["trt_engine_cache_prefix"]
     assert cuda == {
         "device_id": "0",
         "cudnn_conv_algo_search": "EXHAUSTIVE",

@@ -109,8 +109,9 @@ def test_identity_model_reproduces_the_input_bit_for_bit(case, seed, dtype):
 @settings(max_examples=40, deadline=None)
 @given(
     st.integers(8, 48).flatmap(
-        lambda t: st.tuples(st.just(t), st.integers(0, (t - 1) // 2), st.integers(20, 160),
-                            st.integers(20, 160))  # fmt: skip
+        lambda t: st.tuples(
+            st.just(t), st.integers(0, (t - 1) // 2), st.integers(20, 160), st.integers(20, 160)
+        )
     ),
     st.integers(0, 2**32 - 1),
 )

@@ -163,10 +163,11 @@ def tiles_needing_model(
         Blurred regions are grown by this many cells first: cells at a region's edge mix
         sharp and blurred pixels in their window and score in between.
     min_region_cells : int
-        Blurred regions (8-connected) of fewer cells are left alone: defocus varies
-        smoothly over a slide, so a lone cell scoring low among sharp ones is texture
-        without fine detail (a lumen's rim, smooth stroma), not a focus error, and one
-        16 um cell would cost a whole model tile. The focus map still shows them.
+        Blurred regions (8-connected across gaps of one cell) of fewer blurred cells are
+        left alone: defocus varies smoothly over a slide, so a lone cell scoring low among
+        sharp ones is texture without fine detail (a lumen's rim, smooth stroma), not a
+        focus error, and one 16 um cell would cost a whole model tile. The focus map still
+        shows them.
 
     Returns
     -------
@@ -175,8 +176,11 @@ def tiles_needing_model(
     """
     blurred = fmap.blurred(blur_stops)
     if min_region_cells > 1 and blurred.any():
-        labels, _ = ndimage.label(blurred, structure=np.ones((3, 3), dtype=bool))
-        sizes = np.bincount(labels.ravel())
+        # Regions joined across one-cell gaps (unjudged glass or fat inside blurred
+        # tissue does not split a region), sized by their blurred cells.
+        square = np.ones((3, 3), dtype=bool)
+        labels, _ = ndimage.label(ndimage.binary_dilation(blurred, structure=square), square)
+        sizes = np.bincount(labels[blurred], minlength=labels.max() + 1)
         blurred = (sizes >= min_region_cells)[labels] & blurred
     if grow_cells > 0 and blurred.any():
         blurred = ndimage.binary_dilation(blurred, iterations=grow_cells)

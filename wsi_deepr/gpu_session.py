@@ -18,7 +18,6 @@ overrides it); a run on the CPU stays fp32 and its sessions are made exactly as 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -135,14 +134,6 @@ def _one_line(exc: BaseException) -> str:
     return lines[-1][:300] if lines else type(exc).__name__
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fp16_model(model_path: str | Path) -> Path:
     """The fp16 copy of an fp32 model, converted on first use and cached by its sha256.
 
@@ -169,7 +160,9 @@ def fp16_model(model_path: str | Path) -> Path:
     """
     source = Path(model_path)
     try:
-        target = fp16_cache_dir() / f"{_sha256(source)}.onnx"
+        from wsi_deepr.model_registry import file_sha256
+
+        target = fp16_cache_dir() / f"{file_sha256(source)}.onnx"
     except OSError as exc:
         raise ModelError(source, f"cannot be read: {exc.strerror}") from exc
     if target.is_file():
@@ -214,6 +207,8 @@ class TrtProfile:
     """The tile edge the run feeds, already a multiple of the model's size multiple."""
     min_px: int = 1
     """The smallest edge it may feed (edge tiles of a small slide, the probe tile)."""
+    model_sha256: str = ""
+    """The model file's sha256: ONNX Runtime names engines by the graph, not its weights."""
 
     def shapes(self) -> dict[str, str]:
         """``trt_profile_min/opt/max_shapes``: opt and max are the full batch of tiles."""
@@ -226,8 +221,14 @@ class TrtProfile:
         }
 
     def prefix(self) -> str:
-        """Engine file prefix: one engine per batch and tile, never a stale one reused."""
-        return f"wsi_deepr_b{self.batch_size}_t{self.tile_px}_m{self.min_px}"
+        """Engine file prefix: one engine per model file, batch and tile.
+
+        ONNX Runtime's own engine name hashes the graph's structure and the file name, not
+        the weights: without the model's sha256 here, a retrained model of the same
+        architecture (or a file updated in place) would run on the old weights' engine.
+        """
+        model = self.model_sha256[:16] or "unknown"
+        return f"wsi_deepr_{model}_b{self.batch_size}_t{self.tile_px}_m{self.min_px}"
 
 
 def cuda_options(device_id: int = 0) -> dict[str, str]:

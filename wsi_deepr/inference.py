@@ -254,6 +254,8 @@ class Predictor:
     :attr:`tile_px`, TensorRT's optimisation profile. ``None``: no limit, no profile."""
     tile_px: int | None = None
     """The run's tile edge, for TensorRT's optimisation profile."""
+    model_sha256: str = ""
+    """The model file's sha256 (names TensorRT's cached engines)."""
     io_binding: bool | None = None
     """Run through I/O binding; ``None``: on GPU providers only (plain ``run`` on the CPU)."""
 
@@ -302,6 +304,7 @@ class Predictor:
             precision=model_precision(resolved.path, precision),
             batch_size=batch_size,
             tile_px=tile_px,
+            model_sha256=resolved.sha256,
         )
         session = predictor.session()
         check_signature(predictor, session)
@@ -314,8 +317,9 @@ class Predictor:
             return None
         m = max(1, self.size_multiple)
         return TrtProfile(
-            self.input_name, self.in_channels, self.batch_size, -(-self.tile_px // m) * m, m
-        )
+            self.input_name, self.in_channels, self.batch_size, -(-self.tile_px // m) * m, m,
+            self.model_sha256,
+        )  # fmt: skip
 
     def session(self) -> ort.InferenceSession:
         """This worker's session for the predictor's model and settings."""

@@ -278,8 +278,9 @@ def refocus_slide(
             if before != provider:
                 LOG.warning("%s: resumed with %s; chunks written before used %s",
                             out, provider, before)  # fmt: skip
-            before = earlier.get("parameters", {}).get("precision", "fp32")
-            if before != predictor.precision:
+            # (stores written before precision was recorded say nothing: no warning)
+            before = earlier.get("parameters", {}).get("precision")
+            if before is not None and before != predictor.precision:
                 LOG.warning("%s: resumed in %s; chunks written before are %s",
                             out, predictor.precision, before)  # fmt: skip
             LOG.info("%s: resuming, %d of %d chunks already stored", out, len(done),
