@@ -9,7 +9,7 @@
 # are rebuilt from it, deterministically, when runs/banks/ lacks them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for name in deepr-he-20x deepr-he-20x-ft deepr-fluo-40x; do
+for name in deepr-he-20x deepr-he-20x-ft deepr-he-20x-kohler deepr-fluo-40x; do
   if [ ! -f "runs/${name}/checkpoint.pt" ] && [ -f "pipelines/checkpoints/${name}.pt" ]; then
     mkdir -p "runs/${name}"
     cp "pipelines/checkpoints/${name}.pt" "runs/${name}/checkpoint.pt"
@@ -17,9 +17,11 @@ for name in deepr-he-20x deepr-he-20x-ft deepr-fluo-40x; do
 done
 wsi-deepr train pipelines/configs/he-20x.toml
 wsi-deepr train pipelines/configs/he-20x-finetune.toml
+wsi-deepr train pipelines/configs/he-20x-kohler.toml
 wsi-deepr train pipelines/configs/fluo-40x.toml
-# deepr-he-20x ships the fine-tuned generator (better on every validation bin).
-wsi-deepr export runs/deepr-he-20x-ft/checkpoint.pt models/deepr-he-20x.onnx --name deepr-he-20x --overwrite
+# deepr-he-20x ships the generator trained on Köhler (partially coherent) brightfield
+# pairs, fine-tuned from deepr-he-20x-ft (incoherent pairs).
+wsi-deepr export runs/deepr-he-20x-kohler/checkpoint.pt models/deepr-he-20x.onnx --name deepr-he-20x --overwrite
 wsi-deepr export runs/deepr-fluo-40x/checkpoint.pt models/deepr-fluo-40x.onnx --overwrite
 # The int8 variants `wsi-deepr run` takes by default on the CPU: calibrated on train-split
 # tiles, each checked against its full model on the whole held-out set (card: variant).

@@ -105,3 +105,14 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         load_checkpoint(bad)
     with pytest.raises(ConfigError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_export_creates_the_output_folder_and_leaves_nothing_else(tmp_path: Path) -> None:
+    ckpt = _fake_checkpoint(tmp_path / "c.pt", 1)
+    out = tmp_path / "new" / "nested" / "m.onnx"
+    card = export_onnx(ckpt, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["m.json", "m.onnx"]
+    assert card["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 1, 40, 56), dtype=np.float32)
+    assert session.run(None, {"input": x})[0].shape == x.shape

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -155,7 +156,10 @@ def export_onnx(
     card = model_card(checkpoint, name=name, onnx_file=out_path.name)
     example = torch.zeros(1, int(checkpoint["channels"]), 64, 80)
     batch, height, width = (torch.export.Dim(n) for n in ("batch", "height", "width"))
-    tmp = out_path.with_suffix(".tmp.onnx")
+    # The exporter's file goes to a scratch folder: the output's folder may not exist yet,
+    # and nothing half-written appears beside the output.
+    scratch = tempfile.TemporaryDirectory(prefix="wsi-deepr-export-")
+    tmp = Path(scratch.name) / "generator.onnx"
     try:
         program = torch.onnx.export(
             generator,
@@ -173,8 +177,7 @@ def export_onnx(
         model.producer_version = __version__
         onnx.checker.check_model(model)
     finally:
-        tmp.unlink(missing_ok=True)
-        Path(str(tmp) + ".data").unlink(missing_ok=True)
+        scratch.cleanup()
     return save_with_card(model, card, out_path)
 
 
