@@ -117,8 +117,23 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(banks, tmp_path: Path)
 def test_resume_refuses_a_different_config(banks, tmp_path: Path) -> None:
     config = _config(banks, iterations=2)
     train(config, run_dir=tmp_path / "run")
-    with pytest.raises(ConfigError, match="another config"):
+    with pytest.raises(ConfigError, match=r"another config \(differs in lr_g\)"):
         train(replace(config, lr_g=1e-3, iterations=4), run_dir=tmp_path / "run")
+
+
+def test_raising_iterations_trains_on_from_the_checkpoint(banks, tmp_path: Path) -> None:
+    config = _config(banks, iterations=4)
+    train(config, run_dir=tmp_path / "run")
+    first = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    summary = train(replace(config, iterations=6), run_dir=tmp_path / "run")
+    longer = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert summary["iteration"] == longer["iteration"] == 6
+    assert longer["config"]["iterations"] == 6
+    assert first["history"] == longer["history"][: len(first["history"])]
+    changed = [
+        k for k, v in first["generator"].items() if not torch.equal(v, longer["generator"][k])
+    ]
+    assert changed  # trained on, not restarted from scratch or left alone
 
 
 def test_config_file_errors_are_clear(tmp_path: Path) -> None:

@@ -276,8 +276,22 @@ def train(
         LOG.info("initialised %s from %s", config.name, config.init_from)
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, weights_only=True)
-        if saved["config"] != asdict(config) | {"widths": list(config.widths)}:
-            raise ConfigError(ckpt_path, "checkpoint was made with another config")
+        current = asdict(config) | {"widths": list(config.widths)}
+        # Only `iterations` may change: raising it trains on (the cosine schedule is
+        # stretched to the new length); anything else would not be the same run.
+        if {**saved["config"], "iterations": config.iterations} != current:
+            changed = sorted(
+                k for k in current.keys() | saved["config"].keys()
+                if k != "iterations" and saved["config"].get(k) != current.get(k)
+            )  # fmt: skip
+            raise ConfigError(
+                ckpt_path,
+                f"checkpoint was made with another config (differs in {', '.join(changed)})",
+                hint="only `iterations` may change when resuming",
+            )
+        if saved["config"]["iterations"] != config.iterations:
+            LOG.info("%s: iterations %d -> %d", config.name, saved["config"]["iterations"],
+                     config.iterations)  # fmt: skip
         generator.load_state_dict(saved["generator"])
         discriminator.load_state_dict(saved["discriminator"])
         opt_g.load_state_dict(saved["opt_g"])
