@@ -90,6 +90,8 @@ def test_model_card_and_metadata(exported) -> None:
     prefix = "fluo/" if channels == 1 else "he/"
     assert datasets and all(name.startswith(prefix) for name in datasets)
     assert all(licence.strip() for licence in datasets.values())
+    kernel = "incoherent PSF"  # the fake checkpoint's simulation has no condenser
+    assert kernel in card["training"]["simulation"]
     model = onnx.load(str(onnx_path))
     meta = {p.key: json.loads(p.value) for p in model.metadata_props}
     assert meta["modality"] == card["modality"]
@@ -116,3 +118,11 @@ def test_export_creates_the_output_folder_and_leaves_nothing_else(tmp_path: Path
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = np.zeros((1, 1, 40, 56), dtype=np.float32)
     assert session.run(None, {"input": x})[0].shape == x.shape
+
+
+def test_card_names_the_koehler_simulation_of_brightfield_training() -> None:
+    from wsi_deepr.export import _simulation_text
+
+    text = _simulation_text("brightfield", {"condenser_na_range": [0.3, 0.65]})
+    assert "Köhler" in text and "0.3-0.65" in text and "JPEG" in text
+    assert "incoherent" in _simulation_text("fluorescence", {})

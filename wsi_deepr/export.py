@@ -115,8 +115,7 @@ def model_card(checkpoint: dict[str, Any], *, name: str, onnx_file: str) -> dict
             "config": config,
             "iterations": checkpoint["iteration"],
             "datasets": {d: DATASET_LICENCES[d] for d in datasets},
-            "simulation": "wsi_deepr.physics: scalar pupil PSF, Poisson-Gaussian noise"
-            + (", JPEG" if modality == "brightfield" else ""),
+            "simulation": _simulation_text(modality, sim),
             "splits": "by source file (wsi_deepr.pairs.split_of); test files never trained on",
             "banks": checkpoint.get("banks"),
             "versions": checkpoint.get("versions"),
@@ -179,6 +178,19 @@ def export_onnx(
     finally:
         scratch.cleanup()
     return save_with_card(model, card, out_path)
+
+
+def _simulation_text(modality: str, sim: dict[str, Any]) -> str:
+    """One line naming the physics of the training pairs."""
+    condenser = sim.get("condenser_na_range")
+    if modality != "brightfield":
+        return "wsi_deepr.physics: scalar pupil, incoherent PSF, Poisson-Gaussian noise"
+    if condenser:
+        lo, hi = condenser
+        kernel = f"Köhler illumination (partially coherent, condenser NA {lo:g}-{hi:g})"
+    else:
+        kernel = "incoherent PSF"
+    return f"wsi_deepr.physics: scalar pupil, {kernel}, Poisson-Gaussian noise, JPEG"
 
 
 def save_with_card(model: Any, card: dict[str, Any], out_path: Path) -> dict[str, Any]:
