@@ -25,5 +25,5 @@ wsi-deepr export runs/deepr-he-20x-kohler/checkpoint.pt models/deepr-he-20x.onnx
 wsi-deepr export runs/deepr-fluo-40x/checkpoint.pt models/deepr-fluo-40x.onnx --overwrite
 # The int8 variants `wsi-deepr run` takes by default on the CPU: calibrated on train-split
 # tiles, each checked against its full model on the whole held-out set (card: variant).
-wsi-deepr quantize deepr-he-20x models/deepr-he-20x-int8.onnx --method Percentile --full-check --overwrite
+wsi-deepr quantize deepr-he-20x models/deepr-he-20x-int8.onnx --full-check --overwrite
 wsi-deepr quantize deepr-fluo-40x models/deepr-fluo-40x-int8.onnx --full-check --overwrite

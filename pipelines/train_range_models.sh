@@ -7,7 +7,7 @@
 # Needs: pip install -e '.[train]' and ../shared/data beside the checkout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-for name in deepr-he-20x-ft deepr-he-20x-range2 deepr-he-20x-range5; do
+for name in deepr-he-20x-ft deepr-he-20x-range2 deepr-he-20x-range5 deepr-he-20x-kohler; do
   if [ ! -f "runs/${name}/checkpoint.pt" ] && [ -f "pipelines/checkpoints/${name}.pt" ]; then
     mkdir -p "runs/${name}"
     cp "pipelines/checkpoints/${name}.pt" "runs/${name}/checkpoint.pt"
@@ -18,3 +18,6 @@ for range in 2 5; do
   wsi-deepr train "pipelines/configs/he-20x-range${range}.toml"
   wsi-deepr export "runs/${name}/checkpoint.pt" "pipelines/range-models/${name}.onnx" --overwrite
 done
+# The generator trained on Köhler (partially coherent) brightfield pairs, from deepr-he-20x-ft.
+wsi-deepr train pipelines/configs/he-20x-kohler.toml
+wsi-deepr export runs/deepr-he-20x-kohler/checkpoint.pt pipelines/range-models/deepr-he-20x-kohler.onnx --overwrite
