@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 
 from wsi_deepr.errors import ConfigError  # noqa: E402
 from wsi_deepr.pairs import SimulationSettings, SourceImage, build_bank, split_of  # noqa: E402
-from wsi_deepr.training import TrainConfig, train  # noqa: E402
+from wsi_deepr.training import TrainConfig, adapt_channels, train  # noqa: E402
 
 SHARED_HE = Path(__file__).resolve().parents[2] / "shared" / "data" / "he" / "camelyon16"
 
@@ -154,3 +154,24 @@ def test_shipped_configs_parse() -> None:
         settings = config.simulation_settings()
         assert settings.defocus_range_um[0] < 0 < settings.defocus_range_um[1]
         assert np.isfinite(config.lr_g)
+
+
+def test_rgb_weights_adapted_to_one_channel_compute_the_grey_image() -> None:
+    """An RGB generator started as a one-channel one: on a grey image it gives the mean over
+    channels of what the RGB network gives on that image repeated in each channel."""
+    from wsi_deepr.nets import Discriminator, Generator
+
+    torch.manual_seed(0)
+    rgb = Generator(3, (4, 8), global_residual=True)
+    grey = Generator(1, (4, 8), global_residual=True)
+    grey.load_state_dict(adapt_channels(rgb.state_dict(), grey.state_dict()))
+    x = torch.rand(2, 1, 32, 40)
+    expected = rgb(x.repeat(1, 3, 1, 1)).mean(dim=1, keepdim=True)
+    assert torch.allclose(grey(x), expected, atol=1e-5)
+
+    d_rgb, d_grey = Discriminator(3), Discriminator(1)
+    d_grey.load_state_dict(adapt_channels(d_rgb.state_dict(), d_grey.state_dict()))
+    assert torch.allclose(d_grey(x), d_rgb(x.repeat(1, 3, 1, 1)), atol=1e-5)
+
+    with pytest.raises(ValueError, match="cannot become"):
+        adapt_channels(rgb.state_dict(), Generator(1, (4, 16)).state_dict())

@@ -69,7 +69,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     threads: int = 2
     init_from: str = ""
-    """Checkpoint whose best generator (and discriminator) start this run (fine-tuning)."""
+    """Checkpoint whose best generator (and discriminator) start this run (fine-tuning).
+
+    It may have another channel count (an RGB model starting a one-channel one): see
+    :func:`adapt_channels`."""
 
     @classmethod
     def from_toml(cls, path: Path) -> TrainConfig:
@@ -152,6 +155,47 @@ def normalise_pair(
     mean = x.mean(dim=(2, 3), keepdim=True)
     std = x.std(dim=(2, 3), keepdim=True).clamp(min=1e-3)
     return (x - mean) / std, (y - mean) / std, mean, std
+
+
+def adapt_channels(
+    state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Weights of a network with C channels reshaped for the same network with one channel.
+
+    A one-channel image given to an RGB network is the same image in every channel, so
+    weights that read the image are summed over the input channels, and weights that write
+    it are averaged over the output channels: the adapted network computes on a grey image
+    what the original computes on that image repeated in each channel, then averaged.
+
+    Parameters
+    ----------
+    state : dict
+        State dict of the source network.
+    target : dict
+        State dict of the network to start (gives the shapes wanted).
+
+    Returns
+    -------
+    dict
+        ``state`` with the mismatched tensors adapted.
+
+    Raises
+    ------
+    ValueError
+        If a tensor differs in a way channel adaptation does not explain.
+    """
+    adapted = {}
+    for key, value in state.items():
+        want = target[key].shape
+        if value.shape == want:
+            adapted[key] = value
+        elif value.ndim > 1 and want[1] == 1 and value.shape[0] == want[0]:
+            adapted[key] = value.sum(dim=1, keepdim=True)
+        elif want[0] == 1 and value.shape[1:] == want[1:]:
+            adapted[key] = value.mean(dim=0, keepdim=True)
+        else:
+            raise ValueError(f"{key}: {tuple(value.shape)} cannot become {tuple(want)}")
+    return adapted
 
 
 def _augment(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -271,8 +315,13 @@ def train(
     ckpt_path = run_dir / "checkpoint.pt"
     if config.init_from and not ckpt_path.exists():
         start = torch.load(root / config.init_from, weights_only=True)
-        generator.load_state_dict(start.get("best_generator") or start["generator"])
-        discriminator.load_state_dict(start["discriminator"])
+        generator.load_state_dict(
+            adapt_channels(start.get("best_generator") or start["generator"],
+                           generator.state_dict())
+        )  # fmt: skip
+        discriminator.load_state_dict(
+            adapt_channels(start["discriminator"], discriminator.state_dict())
+        )
         LOG.info("initialised %s from %s", config.name, config.init_from)
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, weights_only=True)
