@@ -300,8 +300,8 @@ def main() -> None:
 
 
 def _ran_mask(report: dict, shape_yx: tuple[int, int]) -> np.ndarray:
-    """Pixels inside a refocused tile, from the maps written into the store."""
-    from wsi_deepr.focus import focus_map, tiles_needing_model
+    """Pixels inside the model's input (a refocused tile, or its crop), recomputed."""
+    from wsi_deepr.focus import focus_map, select_tiles
     from wsi_deepr.readers import open_slide
     from wsi_deepr.spectra import scan_slide
     from wsi_deepr.tiling import TileGrid, plan_tiles
@@ -312,16 +312,16 @@ def _ran_mask(report: dict, shape_yx: tuple[int, int]) -> np.ndarray:
     grid = TileGrid(report["tile_px"], report["overlap_px"])
     plan = plan_tiles(slide.shape_yx, grid, mask=mask, mask_downsample=slide.thumbnail_downsample)
     fmap = focus_map(scan_slide(slide, mask, coarse_spectra=False))
-    selected = plan.tissue & tiles_needing_model(
-        fmap, plan, blur_stops=report["extra"]["focus_qc"]["focus"]["blur_stops"]
-    )
-    if int(selected.sum()) != report["tiles_run"]:
+    only = report["extra"]["focus_qc"]["only_blurred"]
+    selected = select_tiles(fmap, plan, blur_stops=only["blur_stops"],
+                            crop=report["provider"] == "CPUExecutionProvider")  # fmt: skip
+    if selected.n_run != report["tiles_run"] or selected.model_px != round(only["model_mpx"] * 1e6):
         raise SystemExit("the plan recomputed here differs from the run's")
     ran = np.zeros(shape_yx, dtype=bool)
-    tile_h, tile_w = plan.tile_hw
-    for i, j in zip(*np.nonzero(selected), strict=True):
+    for i, j in zip(*np.nonzero(selected.tissue), strict=True):
+        cy0, cy1, cx0, cx1 = selected.crop_of(i, j)
         y, x = int(plan.origins_y[i]), int(plan.origins_x[j])
-        ran[y : y + tile_h, x : x + tile_w] = True
+        ran[y + cy0 : y + cy1, x + cx0 : x + cx1] = True
     return ran
 
 

@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from wsi_deepr import deconvolution, metrics, pairs, physics
 from wsi_deepr.errors import InputError, ModelError
+from wsi_deepr.local_dask import SYNC
 
 LOG = logging.getLogger("wsi_deepr")
 
@@ -79,7 +80,7 @@ class ModelUnderTest:
         plan = plan_tiles(arr.shape[1:], grid)
         data = da.from_array(arr, chunks=arr.shape)
         lazy = refocus_array(data, plan, self.predictor, mean=mean, std=std)
-        return np.asarray(lazy.compute(scheduler="synchronous"), dtype=np.float32)
+        return np.asarray(lazy.compute(scheduler=SYNC), dtype=np.float32)
 
 
 def load_model(

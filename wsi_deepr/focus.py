@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -48,6 +48,10 @@ less than a sixth of the slide's in-focus tissue)."""
 MIN_REGION_CELLS = 4
 """``--only-blurred`` refocuses blurred regions of at least this many cells (2 x 2, about
 32 x 32 um): smaller ones are texture, not defocus (:func:`tiles_needing_model`)."""
+CROP_MULTIPLE_PX = 16
+"""Crops of ``--only-blurred`` tiles are rounded up to this multiple (:func:`model_crops`)."""
+CROP_WHOLE_FRACTION = 0.8
+"""A crop of more than this share of its tile runs the whole tile (:func:`model_crops`)."""
 MIN_CONTRAST = 1e-3
 """Cells whose low-band power is below this fraction of the tissue median are not judged
 (glass inside the tissue outline, empty lumina): nothing there to refocus."""
@@ -174,6 +178,114 @@ def tiles_needing_model(
     ndarray of bool, shape (ny_tiles, nx_tiles)
         ``True`` for tiles to send through the model; AND it into ``plan.tissue``.
     """
+    cells = _cells_to_refocus(fmap, blur_stops, grow_cells, min_region_cells)
+    table = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = cells.cumsum(0).cumsum(1)
+    y0, y1 = _cell_span(plan.origins_y, plan.tile_hw[0], plan, fmap.cell_px, cells.shape[0])
+    x0, x1 = _cell_span(plan.origins_x, plan.tile_hw[1], plan, fmap.cell_px, cells.shape[1])
+    count = (
+        table[y1[:, None], x1[None, :]]
+        - table[y0[:, None], x1[None, :]]
+        - table[y1[:, None], x0[None, :]]
+        + table[y0[:, None], x0[None, :]]
+    )
+    return np.asarray(count > 0, dtype=bool)
+
+
+def model_crops(
+    fmap: FocusMap,
+    plan: TilePlan,
+    *,
+    blur_stops: float = DEFAULT_BLUR_STOPS,
+    grow_cells: int = 1,
+    min_region_cells: int = MIN_REGION_CELLS,
+    multiple_px: int = CROP_MULTIPLE_PX,
+    whole_fraction: float = CROP_WHOLE_FRACTION,
+) -> np.ndarray:
+    """The part of each tile that the model needs to see, for ``run --only-blurred``.
+
+    A tile at the edge of a blurred region often holds blurred cells in a corner only.
+    Its crop is the bounding box of those cells (as :func:`tiles_needing_model` finds
+    them, in the tile's footprint) grown by ``overlap_px`` of context, so that the crop's
+    ramp (:func:`wsi_deepr.tiling.crop_ramp`) is 1 over every one of them; it is clipped
+    to the tile and rounded up to ``multiple_px``. A crop of more than ``whole_fraction``
+    of the tile is the whole tile.
+
+    Parameters
+    ----------
+    fmap, plan, blur_stops, grow_cells, min_region_cells
+        As for :func:`tiles_needing_model`.
+    multiple_px : int
+        Crop edges are rounded up to this multiple (the generator's down-sampling).
+    whole_fraction : float
+        Larger crops are not worth a batch of their own: the whole tile runs.
+
+    Returns
+    -------
+    ndarray of int64, shape (ny_tiles, nx_tiles, 4)
+        ``(y0, y1, x0, x1)`` in tile coordinates (the whole tile where nothing is blurred).
+    """
+    cells = _cells_to_refocus(fmap, blur_stops, grow_cells, min_region_cells)
+    cell = fmap.cell_px
+    tile_h, tile_w = plan.tile_hw
+    context = plan.grid.overlap_px
+    ny, nx = plan.origins_y.size, plan.origins_x.size
+    crops = np.zeros((ny, nx, 4), dtype=np.int64)
+    crops[..., 1], crops[..., 3] = tile_h, tile_w
+    y0, y1 = _cell_span(plan.origins_y, tile_h, plan, cell, cells.shape[0])
+    x0, x1 = _cell_span(plan.origins_x, tile_w, plan, cell, cells.shape[1])
+
+    def extent(lo_cell: int, hi_cell: int, origin: int, tile: int) -> tuple[int, int]:
+        lo = max(0, lo_cell * cell - context - origin)
+        hi = min(tile, hi_cell * cell + context - origin)
+        length = min(tile, -(-(hi - lo) // multiple_px) * multiple_px)
+        hi = min(tile, lo + length)  # rounded up at the end, at the start where the tile ends
+        return hi - length, hi
+
+    for i in range(ny):
+        for j in range(nx):
+            inside = cells[y0[i] : y1[i], x0[j] : x1[j]]
+            if not inside.any():
+                continue
+            rows = np.flatnonzero(inside.any(axis=1))
+            cols = np.flatnonzero(inside.any(axis=0))
+            cy0, cy1 = extent(y0[i] + rows[0], y0[i] + rows[-1] + 1, int(plan.origins_y[i]), tile_h)
+            cx0, cx1 = extent(x0[j] + cols[0], x0[j] + cols[-1] + 1, int(plan.origins_x[j]), tile_w)
+            if (cy1 - cy0) * (cx1 - cx0) <= whole_fraction * tile_h * tile_w:
+                crops[i, j] = (cy0, cy1, cx0, cx1)
+    return crops
+
+
+def select_tiles(
+    fmap: FocusMap, plan: TilePlan, *, blur_stops: float = DEFAULT_BLUR_STOPS, crop: bool
+) -> TilePlan:
+    """``plan`` with only the tiles over blurred tissue going through the model.
+
+    Parameters
+    ----------
+    fmap : FocusMap
+        The input's focus map.
+    plan : TilePlan
+        The run's tiles (``tissue``: the tiles over tissue).
+    blur_stops : float
+        A cell is blurred below a score of ``-blur_stops``.
+    crop : bool
+        Send only the part of each tile that holds blurred cells (:func:`model_crops`);
+        for sessions that take any input shape.
+
+    Returns
+    -------
+    TilePlan
+    """
+    need = tiles_needing_model(fmap, plan, blur_stops=blur_stops)
+    crops = model_crops(fmap, plan, blur_stops=blur_stops) if crop else None
+    return replace(plan, tissue=plan.tissue & need, crops=crops)
+
+
+def _cells_to_refocus(
+    fmap: FocusMap, blur_stops: float, grow_cells: int, min_region_cells: int
+) -> np.ndarray:
+    """Blurred cells of regions large enough, grown (:func:`tiles_needing_model`)."""
     blurred = fmap.blurred(blur_stops)
     if min_region_cells > 1 and blurred.any():
         # Regions joined across one-cell gaps (unjudged glass or fat inside blurred
@@ -184,26 +296,17 @@ def tiles_needing_model(
         blurred = (sizes >= min_region_cells)[labels] & blurred
     if grow_cells > 0 and blurred.any():
         blurred = ndimage.binary_dilation(blurred, iterations=grow_cells)
-    table = np.zeros((blurred.shape[0] + 1, blurred.shape[1] + 1), dtype=np.int64)
-    table[1:, 1:] = blurred.cumsum(0).cumsum(1)
-    tile_h, tile_w = plan.tile_hw
-    # Only where a tile's blending weight is non-zero does its output count.
+    return np.asarray(blurred, dtype=bool)
+
+
+def _cell_span(
+    origins: np.ndarray, tile: int, plan: TilePlan, cell_px: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cells under each tile's footprint: where its blending weight is not zero."""
     margin = plan.grid.margin_px
-
-    def span(origins: np.ndarray, tile: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        lo = np.clip((origins + margin) // fmap.cell_px, 0, n)
-        hi = np.clip(-(-(origins + tile - margin) // fmap.cell_px), 0, n)
-        return lo, np.maximum(hi, lo)
-
-    y0, y1 = span(plan.origins_y, tile_h, blurred.shape[0])
-    x0, x1 = span(plan.origins_x, tile_w, blurred.shape[1])
-    count = (
-        table[y1[:, None], x1[None, :]]
-        - table[y0[:, None], x1[None, :]]
-        - table[y1[:, None], x0[None, :]]
-        + table[y0[:, None], x0[None, :]]
-    )
-    return np.asarray(count > 0, dtype=bool)
+    lo = np.clip((origins + margin) // cell_px, 0, n)
+    hi = np.clip(-(-(origins + tile - margin) // cell_px), 0, n)
+    return lo, np.maximum(hi, lo)
 
 
 def upsample_cells(cells: np.ndarray, cell_px: int, shape_yx: tuple[int, int]) -> np.ndarray:

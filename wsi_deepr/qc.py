@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ from wsi_deepr.defocus_estimate import (
     region_summary,
 )
 from wsi_deepr.errors import OptionError, OutputError
-from wsi_deepr.focus import DEFAULT_BLUR_STOPS, FocusMap, coarse_of, focus_map, tiles_needing_model
+from wsi_deepr.focus import DEFAULT_BLUR_STOPS, FocusMap, coarse_of, focus_map, select_tiles
 from wsi_deepr.physics import Optics, brightfield_optics
 from wsi_deepr.qc_store import write_maps
 from wsi_deepr.slide import Slide
@@ -211,17 +211,32 @@ class RunQc:
         result, _ = assess(slide, mask, na=na, blur_stops=stops, estimate=full)
         return cls(slide, mask, na, result, full)
 
-    def select(self, plan: TilePlan) -> TilePlan:
-        """The plan with only tiles over blurred tissue sent through the model."""
-        need = tiles_needing_model(self.result.focus_input, plan, blur_stops=self.result.blur_stops)
-        selected = replace(plan, tissue=plan.tissue & need)
+    def select(self, plan: TilePlan, *, crop: bool = False) -> TilePlan:
+        """The plan with only tiles over blurred tissue sent through the model.
+
+        With ``crop``, only the part of each tile holding blurred cells goes through the
+        model (:func:`wsi_deepr.focus.model_crops`).
+        """
+        selected = select_tiles(
+            self.result.focus_input, plan, blur_stops=self.result.blur_stops, crop=crop
+        )
+        tile_h, tile_w = plan.tile_hw
+        full_px = selected.n_run * tile_h * tile_w
+        cropped = 0
+        if selected.crops is not None:
+            whole = np.array([0, tile_h, 0, tile_w])
+            cropped = int((selected.crops[selected.tissue] != whole).any(axis=1).sum())
         self.result.extra["only_blurred"] = {
             "blur_stops": self.result.blur_stops,
             "tiles_tissue": plan.n_run,
             "tiles_refocused": selected.n_run,
             "tiles_skipped": selected.n_skipped,
+            "tiles_cropped": cropped,
+            "model_mpx": selected.model_px / 1e6,
+            "model_share_of_tiles": selected.model_px / full_px if full_px else 0.0,
         }
-        LOG.info("--only-blurred: %d of %d tissue tiles need the model", selected.n_run, plan.n_run)
+        LOG.info("--only-blurred: %d of %d tissue tiles need the model (%.1f Mpx)",
+                 selected.n_run, plan.n_run, selected.model_px / 1e6)  # fmt: skip
         return selected
 
     def finish(self, store: str | Path, plan: TilePlan, *, level0_path: str) -> dict[str, Any]:

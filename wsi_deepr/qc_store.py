@@ -58,12 +58,13 @@ def write_maps(group: Any, result: QcResult, *, plan: TilePlan | None = None) ->
 
 
 def _tiles_to_cells(plan: TilePlan, cell_px: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Cells touched by the model's input (a tile, or its crop)."""
     ran = np.zeros(shape, dtype=bool)
-    tile_h, tile_w = plan.tile_hw
     for i, j in zip(*np.nonzero(plan.tissue), strict=True):
-        y0, x0 = int(plan.origins_y[i]), int(plan.origins_x[j])
-        rows = slice(y0 // cell_px, -(-(y0 + tile_h) // cell_px))
-        ran[rows, x0 // cell_px : -(-(x0 + tile_w) // cell_px)] = True
+        cy0, cy1, cx0, cx1 = plan.crop_of(i, j)
+        y0, x0 = int(plan.origins_y[i]) + cy0, int(plan.origins_x[j]) + cx0
+        y1, x1 = int(plan.origins_y[i]) + cy1, int(plan.origins_x[j]) + cx1
+        ran[y0 // cell_px : -(-y1 // cell_px), x0 // cell_px : -(-x1 // cell_px)] = True
     return ran
 
 

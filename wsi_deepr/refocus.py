@@ -34,7 +34,9 @@ from dask.delayed import Delayed
 
 from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError
-from wsi_deepr.tiling import TileGrid, TilePlan
+from wsi_deepr.local_dask import SYNC
+from wsi_deepr.readers.base import region_source
+from wsi_deepr.tiling import TileGrid, TilePlan, crop_ramp
 
 BatchModel = Callable[[np.ndarray], np.ndarray]
 """Maps a batch ``(n, c, h, w)`` float32 of normalised tiles to outputs of the same shape."""
@@ -276,8 +278,11 @@ class ChunkGraph:
         own_c, x0, _, rx1 = self.cols[b]
         if not (own_r.size and own_c.size):
             return None
+        source = region_source(self.data)
+        if source is not None:
+            return _RegionRead(source, (y0, ry1, x0, rx1))
         (region,) = dask.optimize(self.data[:, y0:ry1, x0:rx1])
-        return _RegionRead(region)
+        return _RegionRead(region, None)
 
     def _chunk_args(self, a: int, b: int) -> tuple[Any, ...]:
         own_r, y0, y1, ry1 = self.rows[a]
@@ -301,6 +306,7 @@ class ChunkGraph:
             plan.weights_y[own_r],
             plan.weights_x[own_c],
             plan.tissue[np.ix_(own_r, own_c)],
+            None if plan.crops is None else _Crops(plan.crops[np.ix_(own_r, own_c)], plan.grid),
             self.model,
             self.scaling,
         )
@@ -311,15 +317,22 @@ class _RegionRead:
 
     Dask does not look inside this holder, so the region's input chunks are not shared
     graph keys: no input chunk waits in memory for the neighbour that also needs it.
+    It holds the level's file source and the box where there is one
+    (:func:`wsi_deepr.readers.base.region_source`: each file tile decoded once), else
+    the region as a Dask array.
     """
 
-    __slots__ = ("array",)
+    __slots__ = ("array", "box")
 
-    def __init__(self, array: da.Array) -> None:
+    def __init__(self, array: Any, box: tuple[int, int, int, int] | None) -> None:
         self.array = array
+        self.box = box
 
     def read(self) -> np.ndarray:
-        return np.asarray(self.array.compute(scheduler="sync"))
+        if self.box is not None:
+            y0, y1, x0, x1 = self.box
+            return np.asarray(self.array[:, y0:y1, x0:x1])
+        return np.asarray(self.array.compute(scheduler=SYNC))
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,6 +347,16 @@ class _ChunkGeometry:
     """Rows at the top and columns at the left that neighbours' spills reach."""
     index: tuple[int, int]
     """Chunk row and column."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Crops:
+    """The model's part of each of a chunk's tiles (:attr:`TilePlan.crops`)."""
+
+    boxes: np.ndarray
+    """``(n_rows, n_cols, 4)`` ``(y0, y1, x0, x1)`` in tile coordinates."""
+    grid: TileGrid
+    """For the crops' ramps (:func:`wsi_deepr.tiling.crop_ramp`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +381,7 @@ def _partial_chunk(
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
+    crops: _Crops | None,
     model: BatchModel,
     scaling: _Scaling,
     progress: ChunkProgress | None = None,
@@ -381,7 +405,7 @@ def _partial_chunk(
         assert region_read is not None
         return _mixed(
             region_read.read(), geometry, origins_y, origins_x, weights_y, weights_x, tissue,
-            model, scaling, progress,
+            crops, model, scaling, progress,
         )  # fmt: skip
     tiles_run = 0
     if has_tiles:
@@ -389,8 +413,9 @@ def _partial_chunk(
         region = region_read.read()
         box = (0, region.shape[1], 0, region.shape[2])
         acc, tiles_run = _blend_tiles(
-            region, box, origins_y, origins_x, weights_y, weights_x, tissue, model, scaling
-        )
+            region, box, origins_y, origins_x, weights_y, weights_x, tissue, crops, model,
+            scaling,
+        )  # fmt: skip
     else:
         acc = np.zeros(geometry.region_shape, dtype=np.float32)
     chunk_h, chunk_w = geometry.chunk_hw
@@ -421,15 +446,18 @@ def _blend_tiles(
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
+    crops: _Crops | None,
     model: BatchModel,
     scaling: _Scaling,
 ) -> tuple[np.ndarray, int]:
     """``sum(weight x output)`` of the tiles over ``box = (y0, y1, x0, x1)`` of the region.
 
     Tissue tiles go through the model in batches, the others pass their normalised input
-    through; tiles reaching past the box are clipped to it. Every pixel of the box gets
-    its tiles' terms in the same order whatever the box, so its value does not depend
-    on it. Returns the float32 sums (the box's shape) and the number of model tiles.
+    through; a tile with a crop sends only the crop, alone, and blends its output into
+    the tile's input with the crop's ramp. Tiles reaching past the box are clipped to
+    it. Every pixel of the box gets its tiles' terms in the same order whatever the box,
+    so its value does not depend on it. Returns the float32 sums (the box's shape) and
+    the number of model tiles.
     """
     by0, by1, bx0, bx1 = box
     acc = np.zeros((region.shape[0], by1 - by0, bx1 - bx0), dtype=np.float32)
@@ -477,22 +505,43 @@ def _blend_tiles(
 
     def flush() -> None:
         nonlocal tiles_run
+        if not pending:
+            return
         tiles_run += len(pending)
         outputs = model(np.stack([normalised(i, j, True) for i, j in pending]))
         for (i, j), output in zip(pending, outputs, strict=True):
             add(i, j, output, True)
         pending.clear()
 
+    def run_cropped(i: int, j: int, crop: tuple[int, int, int, int]) -> None:
+        nonlocal tiles_run
+        assert crops is not None
+        tiles_run += 1
+        cy0, cy1, cx0, cx1 = crop
+        tile = normalised(i, j, True)
+        inside = tile[:, cy0:cy1, cx0:cx1]
+        output = model(np.ascontiguousarray(inside)[None])[0]
+        output -= inside
+        output *= crop_ramp(crops.grid, cy0, cy1, tile_h)[:, None]
+        output *= crop_ramp(crops.grid, cx0, cx1, tile_w)[None, :]
+        inside += output
+        add(i, j, tile, True)
+
+    whole = (0, tile_h, 0, tile_w)
     for i in rows:
         for j in cols:
             if not tissue[i, j]:
                 add(i, j, normalised(i, j, False), False)  # background passes through
                 continue
+            crop = whole if crops is None else tuple(int(v) for v in crops.boxes[i, j])
+            if crop != whole:
+                flush()  # the terms stay in tile order
+                run_cropped(i, j, crop)  # type: ignore[arg-type]
+                continue
             pending.append((i, j))
             if len(pending) == scaling.batch_size:
                 flush()
-    if pending:
-        flush()
+    flush()
     return acc, tiles_run
 
 
@@ -504,6 +553,7 @@ def _mixed(
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
+    crops: _Crops | None,
     model: BatchModel,
     scaling: _Scaling,
     progress: ChunkProgress | None,
@@ -512,21 +562,27 @@ def _mixed(
 
     The chunk is first passed through (:func:`_passed_through`: the core copied, the
     margins and spills weighted at once); then, over the bounding box of its model tiles
-    only, every tile reaching the box is blended in float (:func:`_blend_tiles`) and
-    replaces those pixels: the same values there as blending the whole chunk, with the
-    float work of the box (``--only-blurred`` chunks with a few blurred tiles).
+    only (of their crops, where they have one), every tile reaching the box is blended
+    in float (:func:`_blend_tiles`) and replaces those pixels: the same values there as
+    blending the whole chunk, with the float work of the box (``--only-blurred`` chunks
+    with a few blurred tiles).
     """
     tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
     run_rows, run_cols = np.nonzero(tissue)
-    by0, bx0 = int(origins_y[run_rows].min()), int(origins_x[run_cols].min())
-    by1 = min(int(origins_y[run_rows].max()) + tile_h, region.shape[1])
-    bx1 = min(int(origins_x[run_cols].max()) + tile_w, region.shape[2])
+    if crops is None:
+        boxes = np.tile(np.array([0, tile_h, 0, tile_w]), (run_rows.size, 1))
+    else:
+        boxes = crops.boxes[run_rows, run_cols]
+    by0 = int((origins_y[run_rows] + boxes[:, 0]).min())
+    bx0 = int((origins_x[run_cols] + boxes[:, 2]).min())
+    by1 = min(int((origins_y[run_rows] + boxes[:, 1]).max()), region.shape[1])
+    bx1 = min(int((origins_x[run_cols] + boxes[:, 3]).max()), region.shape[2])
     core, top, left, right, bottom, corner, _ = _passed_through(
         region, geometry, origins_y, origins_x, weights_y, weights_x, scaling, None
     )
     acc, tiles_run = _blend_tiles(
         region, (by0, by1, bx0, bx1), origins_y, origins_x, weights_y, weights_x, tissue,
-        model, scaling,
+        crops, model, scaling,
     )  # fmt: skip
     chunk_h, chunk_w = geometry.chunk_hw
     top_px, left_px = geometry.margin_yx

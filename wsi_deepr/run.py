@@ -20,6 +20,7 @@ from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError, OutputError
 from wsi_deepr.gpu_session import PRECISIONS, resolve_precision
 from wsi_deepr.inference import CPU, Predictor, default_tile_px, plan_threads, select_provider
+from wsi_deepr.local_dask import THREADS
 from wsi_deepr.model_registry import resolve_model
 from wsi_deepr.refocus import ChunkGraph, default_chunk_px
 from wsi_deepr.report import Report
@@ -210,7 +211,10 @@ def refocus_slide(
             focus_qc = RunQc.start(
                 slide, mask, na=card.objective_na, blur_stops=only_blurred, full=qc
             )
-            plan = focus_qc.select(plan) if only_blurred is not None else plan
+            if only_blurred is not None:
+                # Crops change the model's input shape from tile to tile: only where a
+                # session takes any shape at no cost (GPU sessions are built for one).
+                plan = focus_qc.select(plan, crop=provider == CPU)
         tissue_mm2 = float(mask.mean()) * slide.area_mm2 if mask.size else 0.0
         prepared_s = time.perf_counter() - started
         LOG.info(
@@ -269,6 +273,9 @@ def refocus_slide(
                 "mpp": slide.mpp,
                 "normalization": normalization,
                 "tiles_run_sha256": hashlib.sha256(np.packbits(plan.tissue).tobytes()).hexdigest(),
+                "crops_sha256": None
+                if plan.crops is None
+                else hashlib.sha256(plan.crops.tobytes()).hexdigest(),
             },
         }
         layout = pyramid_layout(out, slide.data.shape, slide.dtype, (chunk, chunk), ngff=ngff)
@@ -370,7 +377,7 @@ def _scheduler(
         n_workers, ort_threads = plan_threads(workers=workers)
 
         def compute_local(graph: Any) -> Any:
-            return dask.compute(graph, scheduler="threads", num_workers=n_workers)[0]
+            return dask.compute(graph, scheduler=THREADS, num_workers=n_workers)[0]
 
         def here(function: Callable[..., Any], *args: Any) -> Any:
             return function(*args)

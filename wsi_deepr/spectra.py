@@ -27,6 +27,8 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import fft as sp_fft
 
+from wsi_deepr.local_dask import SYNC
+from wsi_deepr.readers.base import region_source
 from wsi_deepr.slide import Slide
 
 CELL_UM = 16.0
@@ -217,10 +219,14 @@ def read_padded(data: object, y0: int, y1: int, x0: int, x1: int, halo: int) -> 
     height, width = int(data.shape[1]), int(data.shape[2])  # type: ignore[attr-defined]
     ry0, ry1 = max(0, y0 - halo), min(height, y1 + halo)
     rx0, rx1 = max(0, x0 - halo), min(width, x1 + halo)
-    part = data[:, ry0:ry1, rx0:rx1]  # type: ignore[index]
-    # Dask: computed in the calling thread (the scan's block threads are the parallelism;
-    # the default scheduler would queue the read on its own pool).
-    region = np.asarray(part.compute(scheduler="sync") if hasattr(part, "dask") else part)
+    source = region_source(data)
+    if source is not None:  # straight from the file (each file tile decoded once)
+        region = source[:, ry0:ry1, rx0:rx1]
+    else:
+        part = data[:, ry0:ry1, rx0:rx1]  # type: ignore[index]
+        # Dask: computed in the calling thread (the scan's block threads are the
+        # parallelism; the default scheduler would queue the read on its own pool).
+        region = np.asarray(part.compute(scheduler=SYNC) if hasattr(part, "dask") else part)
     pads = ((0, 0), (ry0 - (y0 - halo), (y1 + halo) - ry1), (rx0 - (x0 - halo), (x1 + halo) - rx1))
     if not any(p for axis in pads for p in axis):
         return region

@@ -219,6 +219,29 @@ def _edge_ramp(tile_len: int, overlap_px: int, margin_px: int) -> np.ndarray:
     return ramp
 
 
+def crop_ramp(grid: TileGrid, start: int, end: int, tile_len: int) -> np.ndarray:
+    """1-D weight of a tile crop's model output against the tile's own input.
+
+    Along each axis of a crop ``[start, end)`` of a tile of ``tile_len``: 0 at an edge
+    inside the tile (the model saw nothing beyond it), rising as a tile's edge does
+    (:func:`_edge_ramp`: a margin of ``overlap_px // 4``, then a raised cosine) to 1;
+    an edge on the tile's own edge gets no ramp (the tile's blending weight has one).
+    The tile's output is ``input + ramp_y ramp_x (model - input)`` on the crop, its input
+    elsewhere: the same seamless transition as between a refocused and a skipped tile.
+
+    Returns
+    -------
+    ndarray of shape (end - start,), float32
+    """
+    length = end - start
+    ramp = np.ones(length, dtype=np.float64)
+    if start > 0:
+        ramp *= _edge_ramp(length, grid.overlap_px, grid.margin_px)
+    if end < tile_len:
+        ramp *= _edge_ramp(length, grid.overlap_px, grid.margin_px)[::-1]
+    return ramp.astype(np.float32)
+
+
 @dataclass(frozen=True, slots=True)
 class TilePlan:
     """All tiles of one slide level, their weights and whether each touches tissue."""
@@ -237,6 +260,10 @@ class TilePlan:
     """1-D weights of the tile columns, shape ``(nx, tile_w)``."""
     tissue: np.ndarray
     """``(ny, nx)`` bool: the tile touches tissue and goes through the model."""
+    crops: np.ndarray | None = None
+    """``(ny, nx, 4)`` int64 ``(y0, y1, x0, x1)`` in tile coordinates: the part of each
+    model tile that goes through the model (``--only-blurred``, :func:`crop_ramp`); the
+    rest of the tile passes its input through. ``None``: whole tiles."""
 
     @property
     def tile_hw(self) -> tuple[int, int]:
@@ -252,6 +279,23 @@ class TilePlan:
     def n_run(self) -> int:
         """Tiles that go through the model."""
         return int(self.tissue.sum())
+
+    def crop_of(self, i: int, j: int) -> tuple[int, int, int, int]:
+        """``(y0, y1, x0, x1)`` of tile ``(i, j)``'s model input, in tile coordinates."""
+        if self.crops is None:
+            tile_h, tile_w = self.tile_hw
+            return 0, tile_h, 0, tile_w
+        y0, y1, x0, x1 = (int(v) for v in self.crops[i, j])
+        return y0, y1, x0, x1
+
+    @property
+    def model_px(self) -> int:
+        """Pixels that go through the model (the tissue tiles, or their crops)."""
+        if self.crops is None:
+            tile_h, tile_w = self.tile_hw
+            return self.n_run * tile_h * tile_w
+        boxes = self.crops[self.tissue]
+        return int(((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).sum())
 
     @property
     def n_skipped(self) -> int:

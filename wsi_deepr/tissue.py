@@ -25,6 +25,7 @@ from skimage import morphology
 from skimage.filters import threshold_otsu
 
 from wsi_deepr.errors import InputError
+from wsi_deepr.local_dask import THREADS
 from wsi_deepr.readers.base import MAX_FLOAT_VALUE
 from wsi_deepr.slide import Slide
 
@@ -54,7 +55,7 @@ def _thumbnail(slide: Slide) -> np.ndarray:
         if cached is not None:
             _THUMBNAILS.move_to_end(key)
             return cached
-    image = np.asarray(slide.thumbnail.compute())
+    image = np.asarray(slide.thumbnail.compute(scheduler=THREADS))
     image.setflags(write=False)
     with _THUMBNAILS_LOCK:
         _THUMBNAILS[key] = image

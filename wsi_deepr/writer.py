@@ -29,6 +29,7 @@ import numpy as np
 
 from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError, OutputError
+from wsi_deepr.local_dask import THREADS
 from wsi_deepr.refocus import to_dtype
 
 LOG = logging.getLogger("wsi_deepr")
@@ -435,7 +436,7 @@ def finish_pyramid(
     """
     import zarr
 
-    run = compute or (lambda graph: dask.compute(graph))
+    run = compute or (lambda graph: dask.compute(graph, scheduler=THREADS))
     started = time.perf_counter()
     try:
         group = zarr.open_group(str(layout.path), mode="r+")
@@ -500,7 +501,7 @@ def write_pyramid(
     if ngff not in ("0.4", "0.5"):
         raise OptionError("--ngff", f"must be 0.4 or 0.5, got {ngff!r}")
     out = prepare_output(path, overwrite=overwrite)
-    run = compute or (lambda graph: dask.compute(graph))
+    run = compute or (lambda graph: dask.compute(graph, scheduler=THREADS))
     chunk_yx = (int(level0.chunks[1][0]), int(level0.chunks[2][0]))
     shape = tuple(int(s) for s in level0.shape)
     layout = pyramid_layout(out, shape, level0.dtype, chunk_yx, ngff=ngff)  # type: ignore[arg-type]

@@ -18,6 +18,8 @@ from typing import Any
 import click
 import numpy as np
 
+from wsi_deepr.local_dask import THREADS
+
 SAMPLE = Path(__file__).resolve().parent.parent / "samples" / "CMU-1-Small-Region.svs"
 DEFAULT_NA = 0.75
 """Objective NA for the simulation when the model card does not give one (20x/0.75)."""
@@ -75,7 +77,7 @@ def run_demo(
         raise OutputError(defocused_path, "already exists", hint="pass --overwrite")
 
     sample = open_slide(SAMPLE)
-    truth = np.asarray(sample.data.compute())
+    truth = np.asarray(sample.data.compute(scheduler=THREADS))
     if size_px:
         h, w = truth.shape[1:]
         y0, x0 = max(0, (h - size_px) // 2), max(0, (w - size_px) // 2)
@@ -107,7 +109,7 @@ def run_demo(
     report = refocus_slide(
         defocused_path, out_dir / "out.zarr", model=model, device=device, overwrite=overwrite
     )
-    refocused = np.asarray(open_slide(out_dir / "out.zarr").data.compute())
+    refocused = np.asarray(open_slide(out_dir / "out.zarr").data.compute(scheduler=THREADS))
 
     def ssim(image: np.ndarray) -> float:
         return float(structural_similarity(image, truth, channel_axis=0, data_range=255.0))

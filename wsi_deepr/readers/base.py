@@ -20,6 +20,7 @@ import numpy as np
 from dask.base import tokenize
 
 from wsi_deepr.errors import InputError, MetadataError, OptionError
+from wsi_deepr.local_dask import THREADS
 from wsi_deepr.slide import Modality
 
 LOG = logging.getLogger("wsi_deepr")
@@ -216,6 +217,32 @@ def lazy_level(source: RegionSource, *, chunk_px: int = CHUNK_PX) -> da.Array:
     )
 
 
+def region_source(data: object) -> RegionSource | None:
+    """The :class:`RegionSource` that ``data`` reads, when it is a :func:`lazy_level` array.
+
+    A region read from the source directly decodes each file tile once; through the
+    array's 1024-px chunks a region decodes every chunk it touches in full and copies
+    the pieces together (twice the decoding for a 2048-px region off the chunk grid).
+
+    Parameters
+    ----------
+    data : object
+        A level as returned by a reader, or anything else (then ``None``).
+
+    Returns
+    -------
+    RegionSource or None
+    """
+    name = getattr(data, "name", None)
+    graph = getattr(data, "dask", None)
+    if not isinstance(name, str) or not name.startswith("read-") or graph is None:
+        return None
+    # da.from_array keeps the wrapped object under "original-<name>"
+    layer = getattr(graph, "layers", {}).get("original-" + name)
+    source = layer.get("original-" + name) if layer is not None else None
+    return source if isinstance(source, RegionSource) else None
+
+
 def pick_thumbnail(
     levels: list[da.Array], downsamples: list[float], *, max_px: int = THUMBNAIL_MAX_PX
 ) -> tuple[da.Array, float, bool]:
@@ -310,10 +337,10 @@ def sample_for_modality(level0: da.Array, thumbnail: da.Array, *, stored: bool) 
     nine 256-px patches spread over level 0, so opening a big single-level file stays fast.
     """
     if stored:
-        return np.asarray(thumbnail.compute())
+        return np.asarray(thumbnail.compute(scheduler=THREADS))
     _, h, w = level0.shape
     if h * w <= 4_000_000:
-        return np.asarray(level0.compute())
+        return np.asarray(level0.compute(scheduler=THREADS))
     patch = 256
     patches = []
     for fy in (0.1, 0.5, 0.9):
@@ -321,4 +348,4 @@ def sample_for_modality(level0: da.Array, thumbnail: da.Array, *, stored: bool) 
             y0 = min(max(0, int(fy * h) - patch // 2), max(0, h - patch))
             x0 = min(max(0, int(fx * w) - patch // 2), max(0, w - patch))
             patches.append(level0[:, y0 : y0 + patch, x0 : x0 + patch].reshape(level0.shape[0], -1))
-    return np.asarray(da.concatenate(patches, axis=1).compute())[:, None, :]
+    return np.asarray(da.concatenate(patches, axis=1).compute(scheduler=THREADS))[:, None, :]
