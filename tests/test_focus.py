@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import SHARED_DATA
+from scipy import ndimage
 from slides import make_tiff_slide, synthetic_tissue
 
 from wsi_deepr import physics
@@ -279,3 +280,50 @@ def test_scan_measures_tissue_cells_only_and_reads_no_background_block(tmp_path)
     padded[: tissue.shape[0], : tissue.shape[1]] = tissue
     blocks = padded.reshape(padded.shape[0] // per_block, per_block, -1, per_block)
     assert len(reads) == int(blocks.any(axis=(1, 3)).sum()) < blocks.shape[0] * blocks.shape[2]
+
+
+def test_model_crops_hold_every_blurred_cell_of_a_tile_with_context():
+    """Each crop holds the (grown) blurred cells under its tile's footprint, with at least
+    the overlap of context wherever the crop ends inside the tile, and a rounded size."""
+    from wsi_deepr.focus import model_crops, select_tiles
+
+    grid = TileGrid(512, 64)
+    plan = plan_tiles((2048, 2048), grid)
+    rng = np.random.default_rng(5)
+    score = np.zeros((64, 64), dtype=np.float32)  # 32 px cells
+    score[20:31, 5:14] = -5.0  # a region well inside some tiles, crossing others' edges
+    score[40:44, 50:62] = -5.0
+    score[rng.random(score.shape) < 0.01] = -5.0  # lone cells: ignored
+    fmap = FocusMap(32, 0.5, score, np.ones((64, 64), bool), -4.0)
+    need = tiles_needing_model(fmap, plan)
+    crops = model_crops(fmap, plan)
+    grown = ndimage.binary_dilation(fmap.blurred() & ~_lone(fmap.blurred()), iterations=1)
+    tile = grid.tile_px
+    cropped = 0
+    for i, j in zip(*np.nonzero(need), strict=True):
+        y, x = int(plan.origins_y[i]), int(plan.origins_x[j])
+        y0, y1, x0, x1 = (int(v) for v in crops[i, j])
+        assert 0 <= y0 < y1 <= tile and 0 <= x0 < x1 <= tile
+        assert (y1 - y0) % 16 == 0 and (x1 - x0) % 16 == 0
+        cropped += (y0, y1, x0, x1) != (0, tile, 0, tile)
+        m = grid.margin_px
+        pixels = np.repeat(np.repeat(grown, 32, 0), 32, 1)[
+            y + m : y + tile - m, x + m : x + tile - m
+        ]
+        ys, xs = np.nonzero(pixels)
+        ys, xs = ys + m, xs + m  # tile coordinates
+        for lo, hi, first, last in ((y0, y1, ys.min(), ys.max()), (x0, x1, xs.min(), xs.max())):
+            assert lo == 0 or first - lo >= grid.overlap_px
+            assert hi == tile or hi - 1 - last >= grid.overlap_px
+    assert cropped >= 3
+    plan2 = select_tiles(fmap, plan, crop=True)
+    assert plan2.n_run == int(need.sum()) and plan2.model_px < plan2.n_run * tile * tile
+    assert select_tiles(fmap, plan, crop=False).crops is None
+
+
+def _lone(blurred: np.ndarray) -> np.ndarray:
+    """Blurred cells in regions of fewer than 4 (joined across one-cell gaps)."""
+    square = np.ones((3, 3), dtype=bool)
+    labels, _ = ndimage.label(ndimage.binary_dilation(blurred, structure=square), square)
+    sizes = np.bincount(labels[blurred], minlength=labels.max() + 1)
+    return (sizes < 4)[labels] & blurred

@@ -186,3 +186,49 @@ def test_qc_of_a_blank_slide_reports_nothing_blurred(tmp_path):
     assert summary["focus"]["cells_judged"] == 0 and summary["regions"] == []
     assert (tmp_path / "qc" / PNG_NAME).is_file()
     assert "0.0% of judged tissue blurred" in result.one_line()
+
+
+def test_only_blurred_uses_the_model_near_blurred_cells_and_the_input_elsewhere(patched, tmp_path):
+    """With a 3x3 blur as the model (its output at a pixel depends on the pixel's
+    neighbours only), the selective run must equal the full run wherever the refocus
+    weight is 1 and the input, bit for bit, wherever it is 0. The weight is recomputed
+    here from the selected cells with a separable window (scipy), not the package's."""
+    from scipy.ndimage import convolve1d
+    from test_evaluation import HE_CARD
+    from tiny_models import make_blur_model
+
+    from wsi_deepr.focus import select_tiles
+
+    model = make_blur_model(tmp_path / "blur.onnx", metadata=HE_CARD)
+    options = {"model": model, "device": "cpu", "workers": 2, "tile_px": 512}
+    full = refocus_slide(patched["path"], tmp_path / "full.zarr", **options)
+    only = refocus_slide(
+        patched["path"], tmp_path / "only.zarr", only_blurred=DEFAULT_BLUR_STOPS, **options
+    )
+    slide = open_slide(patched["path"])
+    mask = tissue_mask(slide)
+    plan = plan_tiles(slide.shape_yx, TileGrid(only.tile_px, only.overlap_px), mask=mask,
+                      mask_downsample=slide.thumbnail_downsample)  # fmt: skip
+    selected = select_tiles(
+        focus_map(scan_slide(slide, mask, coarse_spectra=False)), plan, crop=True
+    )
+    assert selected.crops is not None and selected.cells is not None
+    assert only.tiles_run == selected.n_run
+    assert only.extra["focus_qc"]["only_blurred"]["tiles_cropped"] > 0
+    cell = selected.cell_px
+    spread = np.repeat(np.repeat(selected.cells.astype(np.float64), cell, 0), cell, 1)
+    kernel = np.ones(cell + 1) / cell
+    kernel[[0, -1]] = 0.5 / cell
+    weight = convolve1d(convolve1d(spread, kernel, axis=0, mode="constant"), kernel, axis=1,
+                        mode="constant")[: slide.shape_yx[0], : slide.shape_yx[1]]  # fmt: skip
+    out_only = level0(Path(only.output_path)).astype(np.int16)
+    out_full = level0(Path(full.output_path)).astype(np.int16)
+    given = patched["input"].astype(np.int16)
+    outside, inside = weight < 1e-9, weight > 1 - 1e-9
+    assert inside.sum() > 0.05 * weight.size and outside.sum() > 0.3 * weight.size
+    np.testing.assert_array_equal(out_only[:, outside], given[:, outside])
+    assert np.abs(out_only[:, inside] - out_full[:, inside]).max() <= 1
+    between = ~outside & ~inside
+    low = np.minimum(out_full, given)[:, between] - 1
+    high = np.maximum(out_full, given)[:, between] + 1
+    assert np.all((out_only[:, between] >= low) & (out_only[:, between] <= high))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import ndimage as ndi
 
 from wsi_deepr.errors import OptionError
 from wsi_deepr.refocus import default_chunk_px, refocus_array
@@ -203,3 +204,52 @@ def test_fitted_grid_keeps_the_tile_counts_with_the_smallest_allowed_tile(shape_
         ends = origins + fitted.tile_len(extent)
         assert origins[0] == 0 and ends[-1] == extent
         assert np.all(ends[:-1] - origins[1:] >= overlap_px)
+
+
+def test_cell_mask_weight_is_the_mask_averaged_over_a_centred_cell_window():
+    """Against the upsampled mask convolved with a (cell + 1)-tap window whose end taps
+    are halves (a window of one cell centred on the pixel's centre), in float64."""
+    from scipy.ndimage import convolve1d
+
+    from wsi_deepr.tiling import cell_mask_weight
+
+    rng = np.random.default_rng(3)
+    cells = rng.random((12, 15)) > 0.6
+    cell = 16
+    big = np.repeat(np.repeat(cells.astype(np.float64), cell, 0), cell, 1)
+    kernel = np.ones(cell + 1) / cell
+    kernel[[0, -1]] = 0.5 / cell
+    padded = np.pad(big, 4 * cell)
+    reference = convolve1d(convolve1d(padded, kernel, axis=0, mode="constant"), kernel, axis=1,
+                           mode="constant")  # fmt: skip
+    for y0, y1, x0, x1 in [
+        (0, 192, 0, 240),
+        (-20, 50, 30, 101),
+        (150, 230, 200, 270),
+        (5, 6, 7, 8),
+    ]:
+        got = cell_mask_weight(cells, cell, (y0, y1, x0, x1))
+        want = reference[y0 + 4 * cell : y1 + 4 * cell, x0 + 4 * cell : x1 + 4 * cell]
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    whole = cell_mask_weight(cells, cell, (0, 192, 0, 240))
+    # exactly 0 (input kept bit for bit) and exactly 1 away from the cells' edges
+    assert whole.min() == 0.0 and whole.max() == 1.0
+    square = np.ones((3, 3), dtype=bool)
+    inner = ndi.binary_erosion(big.astype(bool), square, iterations=cell // 2 + 1)
+    assert np.all(whole[inner] == 1.0)
+    outer = ~ndi.binary_dilation(big.astype(bool), square, iterations=cell // 2 + 1)
+    assert np.all(whole[outer] == 0.0)
+
+
+def test_crop_ramp_rises_like_a_tile_edge_only_at_edges_inside_the_tile():
+    from wsi_deepr.tiling import crop_ramp
+
+    grid = TileGrid(512, 64)
+    assert np.all(crop_ramp(grid, 0, 512, 512) == 1.0)  # the whole tile: no ramp
+    ramp = crop_ramp(grid, 100, 300, 512)
+    margin, full = grid.margin_px, grid.overlap_px - grid.margin_px
+    assert np.all(ramp[:margin] == 0) and np.all(ramp[-margin:] == 0)
+    assert np.all(ramp[full:-full] == 1.0)
+    assert np.all(np.diff(ramp[:full]) >= 0) and np.all(np.diff(ramp[-full:]) <= 0)
+    edge = crop_ramp(grid, 0, 200, 512)  # starts on the tile's edge: only the far end ramps
+    assert np.all(edge[: 200 - full] == 1.0) and edge[-1] == 0.0

@@ -273,13 +273,19 @@ def select_tiles(
         Send only the part of each tile that holds blurred cells (:func:`model_crops`);
         for sessions that take any input shape.
 
+    The plan's ``cells`` are the blurred cells (of regions large enough, grown by a
+    cell): the model's output is used near them only, the input elsewhere, also inside
+    a refocused tile (:func:`wsi_deepr.tiling.cell_mask_weight`).
+
     Returns
     -------
     TilePlan
     """
     need = tiles_needing_model(fmap, plan, blur_stops=blur_stops)
     crops = model_crops(fmap, plan, blur_stops=blur_stops) if crop else None
-    return replace(plan, tissue=plan.tissue & need, crops=crops)
+    cells = _cells_to_refocus(fmap, blur_stops, 1, MIN_REGION_CELLS)
+    return replace(plan, tissue=plan.tissue & need, crops=crops, cells=cells,
+                   cell_px=fmap.cell_px)  # fmt: skip
 
 
 def _cells_to_refocus(

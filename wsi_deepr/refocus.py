@@ -36,7 +36,7 @@ from wsi_deepr.chunk_progress import ChunkProgress
 from wsi_deepr.errors import OptionError
 from wsi_deepr.local_dask import SYNC
 from wsi_deepr.readers.base import region_source
-from wsi_deepr.tiling import TileGrid, TilePlan, crop_ramp
+from wsi_deepr.tiling import TileGrid, TilePlan, cell_mask_weight, crop_ramp
 
 BatchModel = Callable[[np.ndarray], np.ndarray]
 """Maps a batch ``(n, c, h, w)`` float32 of normalised tiles to outputs of the same shape."""
@@ -306,10 +306,26 @@ class ChunkGraph:
             plan.weights_y[own_r],
             plan.weights_x[own_c],
             plan.tissue[np.ix_(own_r, own_c)],
-            None if plan.crops is None else _Crops(plan.crops[np.ix_(own_r, own_c)], plan.grid),
+            self._selection(a, b),
             self.model,
             self.scaling,
         )
+
+    def _selection(self, a: int, b: int) -> _Selection | None:
+        """Crops and refocus cells of the chunk's tiles (``--only-blurred``)."""
+        plan = self.plan
+        if plan.crops is None and plan.cells is None:
+            return None
+        own_r, y0, _, ry1 = self.rows[a]
+        own_c, x0, _, rx1 = self.cols[b]
+        boxes = None if plan.crops is None else plan.crops[np.ix_(own_r, own_c)]
+        if plan.cells is None:
+            return _Selection(boxes, plan.grid, None, 0, (0, 0))
+        cell = plan.cell_px
+        cy0, cx0 = max(0, y0 // cell - 1), max(0, x0 // cell - 1)
+        cy1, cx1 = -(-ry1 // cell) + 1, -(-rx1 // cell) + 1
+        cells = plan.cells[cy0:cy1, cx0:cx1].copy()
+        return _Selection(boxes, plan.grid, cells, cell, (y0 - cy0 * cell, x0 - cx0 * cell))
 
 
 class _RegionRead:
@@ -350,13 +366,39 @@ class _ChunkGeometry:
 
 
 @dataclass(frozen=True, slots=True)
-class _Crops:
-    """The model's part of each of a chunk's tiles (:attr:`TilePlan.crops`)."""
+class _Selection:
+    """Where in a chunk's model tiles the output is used (``--only-blurred``)."""
 
-    boxes: np.ndarray
-    """``(n_rows, n_cols, 4)`` ``(y0, y1, x0, x1)`` in tile coordinates."""
+    boxes: np.ndarray | None
+    """``(n_rows, n_cols, 4)`` ``(y0, y1, x0, x1)``: the tiles' crops in tile coordinates
+    (:attr:`TilePlan.crops`); ``None``: whole tiles."""
     grid: TileGrid
     """For the crops' ramps (:func:`wsi_deepr.tiling.crop_ramp`)."""
+    cells: np.ndarray | None
+    """The refocus cells around the chunk's region (:attr:`TilePlan.cells`), or ``None``."""
+    cell_px: int
+    """Edge of one cell in pixels."""
+    offset_yx: tuple[int, int]
+    """Pixel of ``cells``' grid at the region's first pixel."""
+
+    def crop(self, i: int, j: int, whole: tuple[int, int, int, int]) -> tuple[int, ...]:
+        """Tile ``(i, j)``'s crop (``whole`` without crops)."""
+        return whole if self.boxes is None else tuple(int(v) for v in self.boxes[i, j])
+
+    def weight(self, box: tuple[int, int, int, int], tile_hw: tuple[int, int],
+               at_yx: tuple[int, int]) -> np.ndarray:  # fmt: skip
+        """Weight of the model's output against the input over a crop ``box`` of a tile
+        at ``at_yx`` in the region: the crop's ramps times the cells' mask."""
+        y0, y1, x0, x1 = box
+        weight = (
+            crop_ramp(self.grid, y0, y1, tile_hw[0])[:, None]
+            * crop_ramp(self.grid, x0, x1, tile_hw[1])[None, :]
+        )
+        if self.cells is not None:
+            oy, ox = at_yx[0] + self.offset_yx[0], at_yx[1] + self.offset_yx[1]
+            weight *= cell_mask_weight(self.cells, self.cell_px,
+                                       (oy + y0, oy + y1, ox + x0, ox + x1))  # fmt: skip
+        return weight
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,7 +423,7 @@ def _partial_chunk(
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
-    crops: _Crops | None,
+    crops: _Selection | None,
     model: BatchModel,
     scaling: _Scaling,
     progress: ChunkProgress | None = None,
@@ -446,7 +488,7 @@ def _blend_tiles(
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
-    crops: _Crops | None,
+    crops: _Selection | None,
     model: BatchModel,
     scaling: _Scaling,
 ) -> tuple[np.ndarray, int]:
@@ -503,29 +545,40 @@ def _blend_tiles(
         output *= weight[ty, tx]  # the model's output or a fresh array: ours to change
         acc[:, ay, ax] += output
 
+    def selected(
+        i: int, j: int, tile: np.ndarray, output: np.ndarray, box: tuple[int, ...]
+    ) -> None:
+        """Blend the model's output on ``box`` into the tile's input, and add the tile."""
+        assert crops is not None
+        y0, y1, x0, x1 = box
+        inside = tile[:, y0:y1, x0:x1]
+        output -= inside
+        output *= crops.weight((y0, y1, x0, x1), (tile_h, tile_w),
+                               (int(origins_y[i]), int(origins_x[j])))  # fmt: skip
+        inside += output
+        add(i, j, tile, True)
+
     def flush() -> None:
         nonlocal tiles_run
         if not pending:
             return
         tiles_run += len(pending)
-        outputs = model(np.stack([normalised(i, j, True) for i, j in pending]))
-        for (i, j), output in zip(pending, outputs, strict=True):
-            add(i, j, output, True)
+        inputs = [normalised(i, j, True) for i, j in pending]
+        outputs = model(np.stack(inputs))
+        for (i, j), tile, output in zip(pending, inputs, outputs, strict=True):
+            if crops is None:
+                add(i, j, output, True)
+            else:
+                selected(i, j, tile, output, whole)
         pending.clear()
 
-    def run_cropped(i: int, j: int, crop: tuple[int, int, int, int]) -> None:
+    def run_cropped(i: int, j: int, crop: tuple[int, ...]) -> None:
         nonlocal tiles_run
-        assert crops is not None
         tiles_run += 1
         cy0, cy1, cx0, cx1 = crop
         tile = normalised(i, j, True)
-        inside = tile[:, cy0:cy1, cx0:cx1]
-        output = model(np.ascontiguousarray(inside)[None])[0]
-        output -= inside
-        output *= crop_ramp(crops.grid, cy0, cy1, tile_h)[:, None]
-        output *= crop_ramp(crops.grid, cx0, cx1, tile_w)[None, :]
-        inside += output
-        add(i, j, tile, True)
+        output = model(np.ascontiguousarray(tile[:, cy0:cy1, cx0:cx1])[None])[0]
+        selected(i, j, tile, output, crop)
 
     whole = (0, tile_h, 0, tile_w)
     for i in rows:
@@ -533,10 +586,10 @@ def _blend_tiles(
             if not tissue[i, j]:
                 add(i, j, normalised(i, j, False), False)  # background passes through
                 continue
-            crop = whole if crops is None else tuple(int(v) for v in crops.boxes[i, j])
+            crop = whole if crops is None else crops.crop(i, j, whole)
             if crop != whole:
                 flush()  # the terms stay in tile order
-                run_cropped(i, j, crop)  # type: ignore[arg-type]
+                run_cropped(i, j, crop)
                 continue
             pending.append((i, j))
             if len(pending) == scaling.batch_size:
@@ -553,7 +606,7 @@ def _mixed(
     weights_y: np.ndarray,
     weights_x: np.ndarray,
     tissue: np.ndarray,
-    crops: _Crops | None,
+    crops: _Selection | None,
     model: BatchModel,
     scaling: _Scaling,
     progress: ChunkProgress | None,
@@ -569,7 +622,7 @@ def _mixed(
     """
     tile_h, tile_w = weights_y.shape[1], weights_x.shape[1]
     run_rows, run_cols = np.nonzero(tissue)
-    if crops is None:
+    if crops is None or crops.boxes is None:
         boxes = np.tile(np.array([0, tile_h, 0, tile_w]), (run_rows.size, 1))
     else:
         boxes = crops.boxes[run_rows, run_cols]

@@ -242,6 +242,49 @@ def crop_ramp(grid: TileGrid, start: int, end: int, tile_len: int) -> np.ndarray
     return ramp.astype(np.float32)
 
 
+def cell_mask_weight(cells: np.ndarray, cell_px: int, box: tuple[int, int, int, int]) -> np.ndarray:
+    """A cell mask as a smooth weight over a pixel box.
+
+    The mask spread to pixels, averaged over a ``cell_px`` square centred on each pixel:
+    1 from half a cell inside the cells' edge, 0 from half a cell outside it, linear
+    between, so the model's output fades into the input over one cell (16 um) around a
+    refocused region rather than at a tile's rectangle. The average is separable and the
+    mask constant per cell, so it is ``Wy @ cells @ Wx.T`` with ``W[p, k]`` the share of
+    pixel ``p``'s window inside cell ``k``.
+
+    Parameters
+    ----------
+    cells : ndarray of bool, shape (ny, nx)
+        Cell ``(i, j)`` covers pixels ``[i, i + 1) x [j, j + 1)`` times ``cell_px``.
+    cell_px : int
+        Edge of one cell in pixels.
+    box : tuple of int
+        ``(y0, y1, x0, x1)`` in the cells' pixel grid (may reach past it: zeros there).
+
+    Returns
+    -------
+    ndarray of shape (y1 - y0, x1 - x0), float32
+    """
+    y0, y1, x0, x1 = box
+
+    def shares(p0: int, p1: int, n: int) -> tuple[np.ndarray, int, int]:
+        k0 = max(0, (p0 - cell_px) // cell_px)
+        k1 = min(n, -(-(p1 + cell_px) // cell_px))
+        centre = np.arange(p0, p1, dtype=np.float64)[:, None] + 0.5
+        lo = np.arange(k0, max(k1, k0), dtype=np.float64)[None, :] * cell_px
+        inside = np.minimum(centre + cell_px / 2, lo + cell_px) - np.maximum(
+            centre - cell_px / 2, lo
+        )
+        return np.clip(inside, 0.0, None) / cell_px, k0, k1
+
+    wy, ky0, ky1 = shares(y0, y1, cells.shape[0])
+    wx, kx0, kx1 = shares(x0, x1, cells.shape[1])
+    block = cells[ky0:ky1, kx0:kx1]
+    if not block.any():
+        return np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
+    return (wy @ block.astype(np.float64) @ wx.T).astype(np.float32)
+
+
 @dataclass(frozen=True, slots=True)
 class TilePlan:
     """All tiles of one slide level, their weights and whether each touches tissue."""
@@ -264,6 +307,12 @@ class TilePlan:
     """``(ny, nx, 4)`` int64 ``(y0, y1, x0, x1)`` in tile coordinates: the part of each
     model tile that goes through the model (``--only-blurred``, :func:`crop_ramp`); the
     rest of the tile passes its input through. ``None``: whole tiles."""
+    cells: np.ndarray | None = None
+    """``(ny_cells, nx_cells)`` bool on a grid of ``cell_px`` from level 0's origin: the
+    model's output is used only near these cells (:func:`cell_mask_weight`), the input
+    elsewhere (``--only-blurred``). ``None``: everywhere the model runs."""
+    cell_px: int = 0
+    """Edge of one cell of ``cells`` in level-0 pixels."""
 
     @property
     def tile_hw(self) -> tuple[int, int]:
