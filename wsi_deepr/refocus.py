@@ -386,18 +386,23 @@ class _Selection:
         return whole if self.boxes is None else tuple(int(v) for v in self.boxes[i, j])
 
     def weight(self, box: tuple[int, int, int, int], tile_hw: tuple[int, int],
-               at_yx: tuple[int, int]) -> np.ndarray:  # fmt: skip
+               at_yx: tuple[int, int]) -> np.ndarray | None:  # fmt: skip
         """Weight of the model's output against the input over a crop ``box`` of a tile
-        at ``at_yx`` in the region: the crop's ramps times the cells' mask."""
+        at ``at_yx`` in the region: the crop's ramps times the cells' mask (``None``
+        where it is 1 throughout: the model's output as it is)."""
         y0, y1, x0, x1 = box
-        weight = (
-            crop_ramp(self.grid, y0, y1, tile_hw[0])[:, None]
-            * crop_ramp(self.grid, x0, x1, tile_hw[1])[None, :]
-        )
+        weight = None
+        if box != (0, tile_hw[0], 0, tile_hw[1]):
+            weight = (
+                crop_ramp(self.grid, y0, y1, tile_hw[0])[:, None]
+                * crop_ramp(self.grid, x0, x1, tile_hw[1])[None, :]
+            )
         if self.cells is not None:
             oy, ox = at_yx[0] + self.offset_yx[0], at_yx[1] + self.offset_yx[1]
-            weight *= cell_mask_weight(self.cells, self.cell_px,
-                                       (oy + y0, oy + y1, ox + x0, ox + x1))  # fmt: skip
+            cells = cell_mask_weight(self.cells, self.cell_px,
+                                     (oy + y0, oy + y1, ox + x0, ox + x1))  # fmt: skip
+            if not cells.all() or weight is not None:
+                weight = cells if weight is None else weight * cells
         return weight
 
 
@@ -551,11 +556,18 @@ def _blend_tiles(
         """Blend the model's output on ``box`` into the tile's input, and add the tile."""
         assert crops is not None
         y0, y1, x0, x1 = box
+        weight = crops.weight((y0, y1, x0, x1), (tile_h, tile_w),
+                              (int(origins_y[i]), int(origins_x[j])))  # fmt: skip
+        if weight is None and box == whole:
+            add(i, j, output, True)  # the model's output, as without a selection
+            return
         inside = tile[:, y0:y1, x0:x1]
-        output -= inside
-        output *= crops.weight((y0, y1, x0, x1), (tile_h, tile_w),
-                               (int(origins_y[i]), int(origins_x[j])))  # fmt: skip
-        inside += output
+        if weight is None:  # the model's output throughout the box
+            inside[...] = output
+        else:
+            output -= inside
+            output *= weight
+            inside += output
         add(i, j, tile, True)
 
     def flush() -> None:

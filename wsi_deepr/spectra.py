@@ -141,6 +141,10 @@ def band_matrix(window_px: int, mpp: float, edges_per_um: np.ndarray) -> np.ndar
     return matrix.astype(np.float32)
 
 
+WINDOW_BATCH_PX = 1 << 20
+"""Pixels of the windows :func:`window_band_power` transforms together (4 MiB float32)."""
+
+
 def window_band_power(
     image: np.ndarray,
     *,
@@ -174,25 +178,26 @@ def window_band_power(
         raise ValueError(f"select {select.shape} exceeds the {views.shape[:2]} windows")
     taper = np.outer(np.hanning(window_px), np.hanning(window_px)).astype(np.float32)
     # Each band as (frequencies, weights), summed per window in float64: a window's value
-    # does not depend on which others share its row (a float32 matrix product or SIMD sum
+    # does not depend on which others share its batch (a float32 matrix product or SIMD sum
     # rounds by row count and memory alignment), and no BLAS threads contend with the
     # block threads.
     per_band = [(idx, bands[idx, k]) for k in range(bands.shape[1])
                 for idx in [np.flatnonzero(bands[:, k])]]  # fmt: skip
     out = np.full((*select.shape, bands.shape[1]), np.nan, dtype=np.float32)
-    for i in range(select.shape[0]):
-        columns = np.flatnonzero(select[i])
-        if columns.size == 0:
-            continue
-        # The selected windows of the row, gathered (a copy): the same arithmetic per
-        # window whichever others are selected.
-        row = views[i][columns]
-        row -= row.mean(axis=(1, 2), keepdims=True, dtype=np.float32)
-        row *= taper
-        spectrum = sp_fft.rfft2(row, overwrite_x=True)
-        power = (spectrum.real**2 + spectrum.imag**2).reshape(row.shape[0], -1)
+    rows, columns = np.nonzero(select)
+    # Selected windows in batches (a copy each): few large array operations, so the
+    # scan's block threads share the cores. Every operation is per window: a window's
+    # value does not depend on which others share its batch.
+    batch = max(1, WINDOW_BATCH_PX // (window_px * window_px))
+    for start in range(0, rows.size, batch):
+        r, c = rows[start : start + batch], columns[start : start + batch]
+        stack = views[r, c]
+        stack -= stack.mean(axis=(1, 2), keepdims=True, dtype=np.float32)
+        stack *= taper
+        spectrum = sp_fft.rfft2(stack, overwrite_x=True)
+        power = (spectrum.real**2 + spectrum.imag**2).reshape(stack.shape[0], -1)
         for k, (idx, weights) in enumerate(per_band):
-            out[i, columns, k] = (power[:, idx] * weights).sum(axis=1, dtype=np.float64)
+            out[r, c, k] = (power[:, idx] * weights).sum(axis=1, dtype=np.float64)
     return out
 
 

@@ -249,8 +249,9 @@ def cell_mask_weight(cells: np.ndarray, cell_px: int, box: tuple[int, int, int, 
     1 from half a cell inside the cells' edge, 0 from half a cell outside it, linear
     between, so the model's output fades into the input over one cell (16 um) around a
     refocused region rather than at a tile's rectangle. The average is separable and the
-    mask constant per cell, so it is ``Wy @ cells @ Wx.T`` with ``W[p, k]`` the share of
-    pixel ``p``'s window inside cell ``k``.
+    mask constant per cell, so along each axis a pixel's value mixes the two cells its
+    window straddles, in proportion to its share in each (no matrix product: BLAS threads
+    would contend with the model's).
 
     Parameters
     ----------
@@ -266,23 +267,34 @@ def cell_mask_weight(cells: np.ndarray, cell_px: int, box: tuple[int, int, int, 
     ndarray of shape (y1 - y0, x1 - x0), float32
     """
     y0, y1, x0, x1 = box
+    ny, nx = cells.shape
 
-    def shares(p0: int, p1: int, n: int) -> tuple[np.ndarray, int, int]:
-        k0 = max(0, (p0 - cell_px) // cell_px)
-        k1 = min(n, -(-(p1 + cell_px) // cell_px))
-        centre = np.arange(p0, p1, dtype=np.float64)[:, None] + 0.5
-        lo = np.arange(k0, max(k1, k0), dtype=np.float64)[None, :] * cell_px
-        inside = np.minimum(centre + cell_px / 2, lo + cell_px) - np.maximum(
-            centre - cell_px / 2, lo
-        )
-        return np.clip(inside, 0.0, None) / cell_px, k0, k1
+    def straddled(p0: int, p1: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+        # the window [p + 1/2 - cell/2, p + 1/2 + cell/2) covers cells k and k + 1, with a
+        # share `after` in k + 1; k is clipped where both cells lie past the mask (zeros)
+        start = (np.arange(p0, p1, dtype=np.float64) + 0.5 - cell_px / 2) / cell_px
+        first = np.floor(start)
+        after = (start - first).astype(np.float32)
+        return np.clip(first.astype(np.int64), -2, n), after
 
-    wy, ky0, ky1 = shares(y0, y1, cells.shape[0])
-    wx, kx0, kx1 = shares(x0, x1, cells.shape[1])
-    block = cells[ky0:ky1, kx0:kx1]
-    if not block.any():
+    ky, after_y = straddled(y0, y1, ny)
+    kx, after_x = straddled(x0, x1, nx)
+    # the mask with two cells of zeros around it, cut to the cells the box needs
+    ry0, ry1, rx0, rx1 = int(ky.min()), int(ky.max()) + 2, int(kx.min()), int(kx.max()) + 2
+    padded = np.zeros((ry1 - ry0, rx1 - rx0), dtype=np.float32)
+    sy0, sy1, sx0, sx1 = max(ry0, 0), min(ry1, ny), max(rx0, 0), min(rx1, nx)
+    if sy1 > sy0 and sx1 > sx0:
+        padded[sy0 - ry0 : sy1 - ry0, sx0 - rx0 : sx1 - rx0] = cells[sy0:sy1, sx0:sx1]
+    if not padded.any():
         return np.zeros((y1 - y0, x1 - x0), dtype=np.float32)
-    return (wy @ block.astype(np.float64) @ wx.T).astype(np.float32)
+    iy, ix = ky - ry0, kx - rx0
+    if padded[iy.min() : iy.max() + 2, ix.min() : ix.max() + 2].all():
+        return np.ones((y1 - y0, x1 - x0), dtype=np.float32)
+    rows = padded[iy] * (1 - after_y)[:, None]
+    rows += padded[iy + 1] * after_y[:, None]
+    out = rows[:, ix] * (1 - after_x)[None, :]
+    out += rows[:, ix + 1] * after_x[None, :]
+    return out
 
 
 @dataclass(frozen=True, slots=True)
