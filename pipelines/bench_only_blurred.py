@@ -3,6 +3,7 @@
 The slide is real tissue: CMU-1-Small-Region (Aperio H&E, 0.499 um/px) mirrored into an
 N x N mosaic (``--mosaic``, 2 by default), with a disc holding about ``--fraction`` of
 the tissue put ``--z`` um out of focus by :func:`wsi_deepr.physics.defocus_image`
+(brightfield under Köhler illumination, condenser at 2/3 of NA 0.75)
 (pixels outside it keep the scanned values). It is written as a tiled, uncompressed
 pyramidal TIFF with its pixel size. Both runs go through the command line in child
 processes (same model, device and options: by default the model ``wsi-deepr run``
@@ -113,7 +114,8 @@ def defocus_inside(
     """
     from wsi_deepr import physics
 
-    optics = physics.brightfield_optics(NA, mpp)
+    # brightfield under Köhler illumination, as the evaluation and the QC estimate image it
+    optics = physics.brightfield_optics(NA, mpp, condenser_na=physics.typical_condenser_na(NA))
     halo_px = 2 * max(physics.psf(o, z_um).shape[0] // 2 for o in optics)
     height_px, width_px = image_u8.shape[1:]
     y0, x0 = origin_yx
