@@ -303,6 +303,10 @@ def main() -> None:
     )
     qc = only["report"]["extra"]["focus_qc"]
     print(f"focus map: {100 * qc['focus']['blurred_fraction']:.1f}% of judged tissue blurred")
+    picked = qc["only_blurred"]
+    print(f"model inputs: {picked['tiles_refocused']} tiles, {picked['tiles_cropped']} of them "
+          f"cropped, {picked['model_mpx']:.1f} Mpx ({100 * picked['model_share_of_tiles']:.0f}% "
+          f"of the tiles' pixels)")  # fmt: skip
 
 
 def ssim_map(image: np.ndarray, truth: np.ndarray) -> tuple[float, np.ndarray]:
