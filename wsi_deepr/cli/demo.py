@@ -1,7 +1,8 @@
 """``wsi-deepr demo OUTDIR``: defocus the bundled sample with a tilt, refocus it, compare.
 
 Reads ``wsi_deepr/samples/CMU-1-Small-Region.svs`` (H&E, 0.499 um/px), puts it out of
-focus with the physics module (Köhler brightfield, typical condenser) as a sample tilted
+focus with the physics module (Köhler brightfield, typical condenser; the blur in linear
+light between sRGB decoding and encoding) as a sample tilted
 along y (defocus from ``-max`` to ``+max`` micrometres), writes that as a tiled TIFF
 slide, runs :func:`refocus_slide` on it with the default shipped model, and writes
 ``OUTDIR/out.zarr``, ``OUTDIR/side_by_side.png`` (input | output | ground truth, a
@@ -61,6 +62,7 @@ def run_demo(
 
     from wsi_deepr.errors import OutputError
     from wsi_deepr.model_registry import resolve_model
+    from wsi_deepr.pairs import linear_to_srgb, srgb_to_linear
     from wsi_deepr.physics import (
         brightfield_optics,
         defocus_image,
@@ -88,13 +90,15 @@ def run_demo(
     height = truth.shape[1]
     tilt_deg = math.degrees(math.atan(2 * max_defocus_um / max(1.0, (height - 1) * mpp)))
     defocus_map = tilt_defocus_map(truth.shape[1:], mpp=mpp, tilt_deg=tilt_deg)
+    # Light blurs in linear intensity; the scan's values are sRGB-encoded (as training and
+    # the evaluation simulate it: blurring the encoded values darkens every edge's blur).
     blurred = defocus_image(
-        truth.astype(np.float32) / 255.0,
+        srgb_to_linear(truth.astype(np.float32) / 255.0),
         defocus_map,
         optics=brightfield_optics(na, mpp, condenser_na=typical_condenser_na(na)),
         z_step_um=0.25,
     )
-    defocused = np.clip(np.rint(blurred * 255.0), 0, 255).astype(np.uint8)
+    defocused = np.clip(np.rint(linear_to_srgb(blurred) * 255.0), 0, 255).astype(np.uint8)
     resolution = 1e4 / mpp  # pixels per centimetre
     tifffile.imwrite(
         defocused_path,
