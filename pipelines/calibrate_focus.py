@@ -2,7 +2,8 @@
 
 For each real in-focus H&E image (CMU-1-Small-Region and the OpenSlide OME-TIFF crops in
 ``../shared/data``, each at its own pixel size), the whole image is blurred at uniform
-defocus ``z`` with :func:`wsi_deepr.physics.defocus_image` (NA 0.75), and every tissue
+defocus ``z`` with :func:`wsi_deepr.physics.defocus_image` (NA 0.75, Köhler illumination
+with a condenser at 2/3 of it, in linear light), and every tissue
 cell is scored against the *sharp* image's reference (as on a slide where that tissue is
 the in-focus majority). Prints, per image and ``z``, the median score and the share of
 cells flagged at the default threshold (score below ``-DEFAULT_BLUR_STOPS``).
@@ -20,6 +21,7 @@ import numpy as np
 
 from wsi_deepr import physics
 from wsi_deepr.focus import DEFAULT_BLUR_STOPS, focus_map
+from wsi_deepr.pairs import linear_to_srgb, srgb_to_linear
 from wsi_deepr.readers import open_slide
 from wsi_deepr.spectra import scan_slide
 from wsi_deepr.tissue import tissue_mask
@@ -31,7 +33,7 @@ IMAGES = [
     DATA / "he" / "openslide_crops" / "OS-2-ndpi.ome.tif",
     DATA / "he" / "openslide_crops" / "OS-2-vsi.ome.tif",
 ]
-Z_UM = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0)
+Z_UM = (0.0, 1.0, 1.5, 2.0, 3.0)
 NA = 0.75
 
 
@@ -46,10 +48,15 @@ def main() -> None:
         sharp = np.asarray(slide.data.compute())[:3].astype(np.float32) / 255.0
         mask = tissue_mask(slide)
         reference = focus_map(scan_slide(slide, mask, coarse_spectra=False))
-        optics = physics.brightfield_optics(NA, slide.mpp)
+        optics = physics.brightfield_optics(
+            NA, slide.mpp, condenser_na=physics.typical_condenser_na(NA)
+        )
+        linear = srgb_to_linear(sharp)
         cells = []
         for z in Z_UM:
-            image = sharp if z == 0 else physics.defocus_image(sharp, z, optics=optics)
+            image = (
+                sharp if z == 0 else linear_to_srgb(physics.defocus_image(linear, z, optics=optics))
+            )
             u8 = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
             blurred = dataclasses.replace(slide, data=da.from_array(u8, chunks=(3, 1024, 1024)))
             spectra = scan_slide(blurred, mask, coarse_spectra=False)

@@ -82,9 +82,8 @@ def iou_on_tissue(fmap: FocusMap, truth: np.ndarray) -> float:
 
 @pytest.mark.parametrize("z_um", [2.0, 3.0, 5.0, 8.0])
 def test_map_finds_the_patch_and_its_defocus_on_real_tissue(tmp_path, cmu1_crop, z_um):
-    """IoU >= 0.8 from 3 um; at 2 um a Köhler-blurred patch scores about -2 stops, above
-    the default threshold of -2.5 (IoU 0.11; 0.78 at 1.5 stops), yet the regions found in
-    it give the defocus within 1 um."""
+    """A patch blurred in brightfield under Köhler illumination is found (IoU >= 0.8) and
+    its defocus estimated within 1 um, from 2 to 8 um."""
     image, mpp = cmu1_crop
     patch = ellipse(image.shape[1:], (800, 700), (330, 260))
     path = make_tiff_slide(tmp_path / "patch.tif", defocus_patch(image, patch, z_um, mpp), mpp)
@@ -93,16 +92,13 @@ def test_map_finds_the_patch_and_its_defocus_on_real_tissue(tmp_path, cmu1_crop,
     spectra = scan_slide(slide, mask)
     fmap = focus_map(spectra)
     iou = iou_on_tissue(fmap, patch)
-    assert iou >= (0.8 if z_um >= 3.0 else 0.05), f"IoU {iou:.3f} at z = {z_um} um"
+    assert iou >= 0.8, f"IoU {iou:.3f} at z = {z_um} um"
     dmap = estimate_defocus(spectra, fmap, kohler(NA, slide.mpp))
     regions = region_summary(fmap.blurred(), fmap, dmap)
     largest = regions[0]
     assert abs(largest["defocus_um"] - z_um) <= 1.0, (z_um, largest)
-    # nothing of any size is flagged outside the patch (from 3 um it is one region)
-    for region in regions[1:] if z_um >= 3.0 else regions:
-        y_um, x_um = region["centroid_um"]
-        centre = (int(y_um / slide.mpp), int(x_um / slide.mpp))
-        assert region["cells"] <= 4 or (z_um < 3.0 and patch[centre]), region
+    # the patch is one region; nothing else of any size is flagged
+    assert all(r["cells"] <= 4 for r in regions[1:]), regions[1:]
 
 
 @pytest.mark.parametrize(("na", "z_um"), [(0.70, 5.0), (0.80, 5.0), (0.70, 8.0)])

@@ -3,9 +3,10 @@
 The score is spectral. Each cell of a regular grid on level 0 is the centre of a window
 twice its size (Hann-tapered, mean removed); the window's power spectrum is averaged over
 two annuli in physical frequency: a *low* band (0.05-0.15 cycles/um, structure that
-defocus of a few micrometres keeps) and a *high* band (0.25-0.5 cycles/um, detail that a
-defocus of 2 um at NA 0.75 already removes). Their ratio measures fine detail relative to
-the cell's own contrast, so stain strength and brightness cancel.
+defocus of a few micrometres keeps) and a *high* band (0.35-0.7 cycles/um, detail that a
+defocus of 2 um at NA 0.75 already removes, under Köhler illumination too). Their ratio
+measures fine detail relative to the cell's own contrast, so stain strength and
+brightness cancel.
 
 Calibration on in-focus tissue: the ratio of in-focus tissue varies with what the tissue
 is (about 1.5 stops between the 5th and 50th percentile on CMU-1), so it is compared with
@@ -16,9 +17,12 @@ the tissue is in focus (with up to about half of it blurred, the reference still
 sharp tissue); a slide blurred everywhere scores 0 everywhere and is not flagged.
 :data:`DEFAULT_BLUR_STOPS` flags cells scoring below -2.5 stops (a sixth of the detail).
 ``pipelines/calibrate_focus.py`` measured where that falls on four real H&E images
-(CMU-1 at 0.499 um/px, three OpenSlide crops at 0.227-0.346 um/px) blurred uniformly at
-NA 0.75: in focus 0-1.9% of cells flagged, 0.5 um 0-6.8%, 1 um 1-28%, 1.5 um 70-79%,
-2 um and beyond 99-100%. The default thus means "more than about 1.5 um out of focus".
+(CMU-1 at 0.499 um/px, three OpenSlide crops at 0.227-0.346 um/px) blurred uniformly in
+linear light through NA 0.75 under Köhler illumination (condenser NA 0.5): in focus 0-3.1%
+of cells flagged, 1 um 4-34%, 1.5 um 72-78%, 2 um 98-100%, 3 um 100%. The default thus
+means "more than about 1.5 um out of focus". (The earlier high band, 0.25-0.5 cycles/um,
+flagged only 44-68% at 2 um under Köhler illumination: the illumination cone blurs less
+than the objective's incoherent PSF it had been set for.)
 
 The band powers come from :func:`wsi_deepr.spectra.scan_slide`, whose same pass also
 measures the spectra for :mod:`wsi_deepr.defocus_estimate`.

@@ -37,7 +37,7 @@ CELL_UM = 16.0
 
 LOW_BAND_PER_UM = (0.05, 0.15)
 """Low band in cycles per micrometre."""
-HIGH_BAND_PER_UM = (0.25, 0.5)
+HIGH_BAND_PER_UM = (0.35, 0.7)
 """High band in cycles per micrometre (clipped to 0.8 x Nyquist on coarse scans)."""
 
 
