@@ -5,7 +5,7 @@ Each cell of a regular grid on level 0 is the centre of a window twice its size
 frequency (cycles per micrometre):
 
 - on the *fine* grid (about 16 um cells), the grey image's power in a low band
-  (0.05-0.15 cycles/um) and a high band (0.25-0.5 cycles/um), for the focus map
+  (0.05-0.15 cycles/um) and a high band (0.35-0.7 cycles/um), for the focus map
   (:mod:`wsi_deepr.focus`);
 - on a *coarse* grid of cells twice as large, each channel's power in 16 log-spaced
   bins up to 0.9 x Nyquist, for the defocus estimate (:mod:`wsi_deepr.defocus_estimate`).
