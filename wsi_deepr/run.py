@@ -273,9 +273,9 @@ def refocus_slide(
                 "mpp": slide.mpp,
                 "normalization": normalization,
                 "tiles_run_sha256": hashlib.sha256(np.packbits(plan.tissue).tobytes()).hexdigest(),
-                "crops_sha256": None
-                if plan.crops is None
-                else hashlib.sha256(plan.crops.tobytes()).hexdigest(),
+                # --only-blurred: which part of each tile ran and where its output is used
+                "crops_sha256": _digest(plan.crops),
+                "refocus_cells_sha256": _digest(plan.cells),
             },
         }
         layout = pyramid_layout(out, slide.data.shape, slide.dtype, (chunk, chunk), ngff=ngff)
@@ -352,6 +352,11 @@ def refocus_slide(
 
 
 Compute = Any
+
+
+def _digest(values: np.ndarray | None) -> str | None:
+    """sha256 of an array's bytes (``None`` stays ``None``)."""
+    return None if values is None else hashlib.sha256(values.tobytes()).hexdigest()
 
 
 def _checked_predictor(
