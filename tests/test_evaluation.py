@@ -79,6 +79,7 @@ def test_settings_from_the_card(tiny: dict[str, Path]) -> None:
     assert quick.defocus_um == (-4.0, -2.0, 0.0, 2.0, 4.0) and quick.n_fovs == 1
     wide = evaluation.settings_for(model, z_max_um=7.0)
     assert wide.defocus_um[0] == -7.0 and wide.defocus_um[-1] == 7.0
+    assert evaluation.settings_for(model, mpp=0.17).mpp == 0.17
 
 
 @pytest.mark.parametrize("modality", ["fluorescence", "brightfield"])

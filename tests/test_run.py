@@ -192,6 +192,12 @@ def test_demo_writes_its_outputs_and_reports_ssim(tmp_path, models, monkeypatch)
     assert is_complete(tmp_path / "demo" / "out.zarr")
     assert result["ssim_before"] < 0.95
     assert result["ssim_after"] == pytest.approx(result["ssim_before"], abs=1e-9)
+    bands = result["bands"]
+    assert [b["defocus_um"][0] for b in bands] == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]
+    assert all(b["ssim_after"] == pytest.approx(b["ssim_before"], abs=1e-9) for b in bands)
+    # the blur grows away from focus
+    assert bands[0]["ssim_before"] < bands[2]["ssim_before"]
+    assert bands[-1]["ssim_before"] < bands[3]["ssim_before"]
 
 
 REAL_WSI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wsi"

@@ -184,8 +184,9 @@ def settings_for(
     """Evaluation settings from a model card: z = 0, +/-1, +/-2 ... up to its range.
 
     Uses the card's NA (0.75 brightfield / 0.95 fluorescence if absent) and the middle of
-    its mpp range; brightfield is imaged under Köhler illumination with a typical condenser
-    (:func:`wsi_deepr.physics.typical_condenser_na`, 0.5 at NA 0.75; pass
+    its mpp range (``mpp=`` overrides it); brightfield is imaged under Köhler illumination
+    with a typical condenser (:func:`wsi_deepr.physics.typical_condenser_na`, 0.5 at NA
+    0.75; pass
     ``condenser_na=None`` for the incoherent model). ``quick`` keeps every other integer
     z, 2 fields and 192 px crops.
     ``z_max_um`` widens the z range to +/- that (models trained on a shorter range are
@@ -205,7 +206,8 @@ def settings_for(
     if model.modality == "brightfield":  # Köhler illumination, as a scanner images H&E
         values["condenser_na"] = physics.typical_condenser_na(na)
     values.update(overrides)
-    return EvalSettings(model.modality, na, round(0.5 * (lo + hi), 4), tuple(zs), **values)
+    mpp = values.pop("mpp", None) or round(0.5 * (lo + hi), 4)
+    return EvalSettings(model.modality, na, float(mpp), tuple(zs), **values)
 
 
 def held_out_fields(data_dir: Path, settings: EvalSettings) -> list[tuple[str, F32]]:

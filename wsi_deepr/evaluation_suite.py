@@ -53,6 +53,9 @@ class SuiteOptions:
     """Seed of the starting heights."""
     n_fovs: int | None = None
     """Held-out fields per model (default 20, quick 2)."""
+    mpp: float | None = None
+    """Pixel size the held-out fields are imaged at (default: the middle of each card's
+    range)."""
 
 
 def _stack_planes(stack: NDArray[Any], model: ModelUnderTest) -> NDArray[np.float32]:
@@ -307,7 +310,9 @@ def evaluate_models(
         z_max = max(
             max(abs(v) for v in m.defocus_range_um) for m in models if m.modality == model.modality
         )
-        sizes = {} if options.n_fovs is None else {"n_fovs": options.n_fovs}
+        sizes: dict[str, Any] = {} if options.n_fovs is None else {"n_fovs": options.n_fovs}
+        if options.mpp is not None:
+            sizes["mpp"] = options.mpp
         settings = evaluation.settings_for(model, quick=options.quick, z_max_um=z_max, **sizes)
         fields = evaluation.held_out_fields(data_dir, settings)
         z_hi = max(abs(v) for v in model.defocus_range_um)

@@ -55,7 +55,8 @@ def run_demo(
     Returns
     -------
     dict
-        ``ssim_before``, ``ssim_after``, ``s_per_mm2``, ``report`` and the paths.
+        ``ssim_before``, ``ssim_after``, ``bands`` (the two per 1-um band of the tilt's
+        defocus), ``s_per_mm2``, ``report`` and the paths.
     """
     import tifffile
     from skimage.metrics import structural_similarity
@@ -115,14 +116,32 @@ def run_demo(
     )
     refocused = np.asarray(open_slide(out_dir / "out.zarr").data.compute(scheduler=THREADS))
 
-    def ssim(image: np.ndarray) -> float:
-        return float(structural_similarity(image, truth, channel_axis=0, data_range=255.0))
+    def ssim(image: np.ndarray) -> tuple[float, np.ndarray]:
+        value, local = structural_similarity(
+            image, truth, channel_axis=0, data_range=255.0, full=True
+        )
+        return float(value), local.mean(axis=0)
+
+    before, before_map = ssim(defocused)
+    after, after_map = ssim(refocused)
+    # SSIM per 1-um band of the tilt's defocus (the map averaged over the band's pixels)
+    first = math.floor(float(defocus_map.min()) + 1e-6)
+    n_bands = max(1, math.ceil(float(defocus_map.max()) - 1e-6) - first)
+    band_of = np.clip(np.floor(defocus_map - first).astype(int), 0, n_bands - 1)
+    bands = []
+    for k in range(n_bands):
+        inside = band_of == k
+        if inside.any():
+            bands.append({"defocus_um": [float(first + k), float(first + k + 1)],
+                          "ssim_before": float(before_map[inside].mean()),
+                          "ssim_after": float(after_map[inside].mean())})  # fmt: skip
 
     png = out_dir / "side_by_side.png"
     _side_by_side(png, [defocused, refocused, truth], defocus_map)
     return {
-        "ssim_before": ssim(defocused),
-        "ssim_after": ssim(refocused),
+        "ssim_before": before,
+        "ssim_after": after,
+        "bands": bands,
         "s_per_mm2": report.s_per_mm2,
         "max_defocus_um": max_defocus_um,
         "tilt_deg": tilt_deg,
@@ -179,5 +198,11 @@ def demo(
         f"after {result['ssim_after']:.3f} (tilt {result['tilt_deg']:.3f} deg, "
         f"defocus +-{result['max_defocus_um']:g} um)"
     )
+    for band in result["bands"]:
+        lo, hi = band["defocus_um"]
+        click.echo(
+            f"  z {lo:+g}..{hi:+g} um: {band['ssim_before']:.3f} -> {band['ssim_after']:.3f} "
+            f"({band['ssim_after'] - band['ssim_before']:+.3f})"
+        )
     click.echo(f"{result['report'].s_per_mm2:.2f} s/mm2 ({result['report'].provider})")
     click.echo(f"wrote {result['zarr']} and {result['png']}")

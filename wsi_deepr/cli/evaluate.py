@@ -79,6 +79,12 @@ import click
     default=None,
     help="Held-out fields of view per model (default 20; 2 with --quick).",
 )
+@click.option(
+    "--mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Pixel size of the simulated captures (default: the middle of each card's range).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace a report already in --out.")
 def evaluate(
     models: tuple[str, ...],
@@ -92,6 +98,7 @@ def evaluate(
     exposure_s: float,
     stage_move_s: float,
     fovs: int | None,
+    mpp: float | None,
     overwrite: bool,
 ) -> None:
     """Quality vs defocus, tilt, bead PSF, deconvolution and autofocus baselines of models.
@@ -119,6 +126,7 @@ def evaluate(
         quick=quick,
         timing=ScanTiming(exposure_s=exposure_s, stage_move_s=stage_move_s),
         n_fovs=fovs,
+        mpp=mpp,
     )
     results = evaluate_models(
         loaded, data_dir, options=options, zstack=zstack, zstack_step_um=zstack_step_um
@@ -144,6 +152,8 @@ def evaluate(
         command.append("--quick")
     if fovs is not None:
         command += ["--fovs", str(fovs)]
+    if mpp is not None:
+        command += ["--mpp", str(mpp)]
     if zstack is not None:
         command += ["--zstack", str(zstack), "--zstack-step-um", str(zstack_step_um)]
     index = write_report(results, out, command=command)
