@@ -23,7 +23,7 @@ import math
 import os
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ class TrainConfig:
     val_every: int = 50
     checkpoint_every: int = 50
     threads: int = 2
+    grad_clip_norm: float = 0.0
+    """Clip the generator's and discriminator's gradients to this global L2 norm (0: off)."""
     init_from: str = ""
     """Checkpoint whose best generator (and discriminator) start this run (fine-tuning).
 
@@ -326,12 +328,16 @@ def train(
     if ckpt_path.exists():
         saved = torch.load(ckpt_path, weights_only=True)
         current = asdict(config) | {"widths": list(config.widths)}
+        # Settings added since the checkpoint was made count as their defaults (which
+        # reproduce the code it was made with).
+        before = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+        saved_config = before | saved["config"]
         # Only `iterations` may change: raising it trains on (the cosine schedule is
         # stretched to the new length); anything else would not be the same run.
-        if {**saved["config"], "iterations": config.iterations} != current:
+        if {**saved_config, "iterations": config.iterations} != current:
             changed = sorted(
-                k for k in current.keys() | saved["config"].keys()
-                if k != "iterations" and saved["config"].get(k) != current.get(k)
+                k for k in current.keys() | saved_config.keys()
+                if k != "iterations" and saved_config.get(k) != current.get(k)
             )  # fmt: skip
             raise ConfigError(
                 ckpt_path,
@@ -393,6 +399,8 @@ def train(
             loss_d = discriminator_loss(discriminator(output.detach()), discriminator(y_n)).mean()
             opt_d.zero_grad()
             loss_d.backward()
+            if config.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(discriminator.parameters(), config.grad_clip_norm)
             opt_d.step()
         for step in range(config.g_steps):
             terms = generator_loss_terms(
@@ -405,6 +413,8 @@ def train(
             )
             opt_g.zero_grad()
             loss_g.backward()
+            if config.grad_clip_norm > 0:
+                torch.nn.utils.clip_grad_norm_(generator.parameters(), config.grad_clip_norm)
             opt_g.step()
         state["iteration"] = it + 1
         done = state["iteration"]
