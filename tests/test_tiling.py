@@ -253,3 +253,23 @@ def test_crop_ramp_rises_like_a_tile_edge_only_at_edges_inside_the_tile():
     assert np.all(np.diff(ramp[:full]) >= 0) and np.all(np.diff(ramp[-full:]) <= 0)
     edge = crop_ramp(grid, 0, 200, 512)  # starts on the tile's edge: only the far end ramps
     assert np.all(edge[: 200 - full] == 1.0) and edge[-1] == 0.0
+
+
+def test_a_model_that_returns_its_input_keeps_cropped_tiles():
+    """One channel, a crop as wide as its tile (a contiguous slice): the model's input must
+    be a copy, or handing it back would zero the crop in the blend."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 600, 600)).astype(np.float32)
+    grid = TileGrid(256, 32)
+    plan = plan_tiles((600, 600), grid)
+    crops = np.zeros((*plan.tissue.shape, 4), dtype=np.int64)
+    crops[..., 1], crops[..., 3] = 256, 256
+    crops[1, 1] = (64, 192, 0, 256)
+    cells = np.ones((600 // 30 + 1, 600 // 30 + 1), dtype=bool)
+    for selection in ({"crops": crops}, {"crops": crops, "cells": cells, "cell_px": 30}):
+        selected = dataclasses.replace(plan, **selection)
+        out = refocus_array(da.from_array(image, chunks=(1, 300, 300)), selected, lambda b: b,
+                            mean=np.zeros(1), std=np.ones(1), chunk_px=256)  # fmt: skip
+        np.testing.assert_allclose(np.asarray(out), image, atol=1e-5)

@@ -210,10 +210,11 @@ def model_crops(
 
     A tile at the edge of a blurred region often holds blurred cells in a corner only.
     Its crop is the bounding box of those cells (as :func:`tiles_needing_model` finds
-    them, in the tile's footprint) grown by ``overlap_px`` of context, so that the crop's
-    ramp (:func:`wsi_deepr.tiling.crop_ramp`) is 1 over every one of them; it is clipped
-    to the tile and rounded up to ``multiple_px``. A crop of more than ``whole_fraction``
-    of the tile is the whole tile.
+    them, in the tile's footprint) grown by ``overlap_px`` (at least a cell) of context,
+    so that the crop's ramp (:func:`wsi_deepr.tiling.crop_ramp`) is 1 over every one of
+    them and the cells' weight (:func:`wsi_deepr.tiling.cell_mask_weight`) 0 at its
+    edges; it is clipped to the tile and rounded up to ``multiple_px``. A crop of more
+    than ``whole_fraction`` of the tile is the whole tile.
 
     Parameters
     ----------
@@ -232,7 +233,8 @@ def model_crops(
     cells = _cells_to_refocus(fmap, blur_stops, grow_cells, min_region_cells)
     cell = fmap.cell_px
     tile_h, tile_w = plan.tile_hw
-    context = plan.grid.overlap_px
+    # past the cells' smooth weight (half a cell) and the crop's ramp, whatever the overlap
+    context = max(plan.grid.overlap_px, cell)
     ny, nx = plan.origins_y.size, plan.origins_x.size
     crops = np.zeros((ny, nx, 4), dtype=np.int64)
     crops[..., 1], crops[..., 3] = tile_h, tile_w

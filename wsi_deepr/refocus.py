@@ -589,7 +589,8 @@ def _blend_tiles(
         tiles_run += 1
         cy0, cy1, cx0, cx1 = crop
         tile = normalised(i, j, True)
-        output = model(np.ascontiguousarray(tile[:, cy0:cy1, cx0:cx1])[None])[0]
+        # a copy: a model may hand its input back, and the blend writes into the tile
+        output = model(tile[:, cy0:cy1, cx0:cx1].copy()[None])[0]
         selected(i, j, tile, output, crop)
 
     whole = (0, tile_h, 0, tile_w)
