@@ -96,6 +96,7 @@ def test_map_finds_the_patch_and_its_defocus_on_real_tissue(tmp_path, cmu1_crop,
     dmap = estimate_defocus(spectra, fmap, kohler(NA, slide.mpp))
     regions = region_summary(fmap.blurred(), fmap, dmap)
     largest = regions[0]
+    print(f"z {z_um} um: IoU {iou:.3f}, estimated {largest['defocus_um']:.2f} um")
     assert abs(largest["defocus_um"] - z_um) <= 1.0, (z_um, largest)
     # the patch is one region; nothing else of any size is flagged
     assert all(r["cells"] <= 4 for r in regions[1:]), regions[1:]
