@@ -85,11 +85,18 @@ def model_card(checkpoint: dict[str, Any], *, name: str, onnx_file: str) -> dict
     names = list(BRIGHTFIELD_CHANNELS) if channels == 3 else ["intensity"] * channels
     history = checkpoint.get("history") or []
     best = min(history, key=lambda r: r["val_berhu"]) if history else {}
-    datasets = (
-        ["he/camelyon16", "he/dsb2018_stained", "he/kather_tcga_tiles", "he/openslide_crops"]
-        if modality == "brightfield"
-        else ["fluo/dsb2018", "fluo/cellprofiler_human", "fluo/stardist_img2d"]
-    )
+    by_modality = {
+        "brightfield": ["he/camelyon16", "he/dsb2018_stained", "he/kather_tcga_tiles",
+                        "he/openslide_crops"],
+        "fluorescence": ["fluo/dsb2018", "fluo/cellprofiler_human", "fluo/stardist_img2d"],
+    }  # fmt: skip
+    # A run started from another one (fine-tuning, or an RGB model starting a one-channel
+    # one) carries what its start learned from: its data count too.
+    modalities = {modality}
+    start = _start_modality(config.get("init_from"))
+    if start is not None:
+        modalities.add(start)
+    datasets = [d for m in sorted(modalities) for d in by_modality[m]]
     return {
         "name": name,
         "file": onnx_file,
@@ -115,6 +122,7 @@ def model_card(checkpoint: dict[str, Any], *, name: str, onnx_file: str) -> dict
             "config": config,
             "iterations": checkpoint["iteration"],
             "datasets": {d: DATASET_LICENCES[d] for d in datasets},
+            "initialised_from": config.get("init_from") or None,
             "simulation": _simulation_text(modality, sim),
             "splits": "by source file (wsi_deepr.pairs.split_of); test files never trained on",
             "banks": checkpoint.get("banks"),
@@ -123,6 +131,16 @@ def model_card(checkpoint: dict[str, Any], *, name: str, onnx_file: str) -> dict
         "validation": {k: best.get(k) for k in ("iteration", "val_berhu", "val_msssim", "val_l1")},
         "package_version": __version__,
     }
+
+
+def _start_modality(init_from: str | None) -> str | None:
+    """Modality of the checkpoint a run started from (``None``: none, or not found)."""
+    if not init_from or not Path(init_from).is_file():
+        return None
+    try:
+        return str(load_checkpoint(Path(init_from))["config"]["modality"])
+    except (ConfigError, KeyError):  # an unreadable start only loses this note in the card
+        return None
 
 
 def export_onnx(
