@@ -183,10 +183,15 @@ def tiles_needing_model(
         ``True`` for tiles to send through the model; AND it into ``plan.tissue``.
     """
     cells = _cells_to_refocus(fmap, blur_stops, grow_cells, min_region_cells)
+    return _tiles_over(cells, fmap.cell_px, plan)
+
+
+def _tiles_over(cells: np.ndarray, cell_px: int, plan: TilePlan) -> np.ndarray:
+    """Tiles whose footprint holds one of ``cells`` (:func:`tiles_needing_model`)."""
     table = np.zeros((cells.shape[0] + 1, cells.shape[1] + 1), dtype=np.int64)
     table[1:, 1:] = cells.cumsum(0).cumsum(1)
-    y0, y1 = _cell_span(plan.origins_y, plan.tile_hw[0], plan, fmap.cell_px, cells.shape[0])
-    x0, x1 = _cell_span(plan.origins_x, plan.tile_hw[1], plan, fmap.cell_px, cells.shape[1])
+    y0, y1 = _cell_span(plan.origins_y, plan.tile_hw[0], plan, cell_px, cells.shape[0])
+    x0, x1 = _cell_span(plan.origins_x, plan.tile_hw[1], plan, cell_px, cells.shape[1])
     count = (
         table[y1[:, None], x1[None, :]]
         - table[y0[:, None], x1[None, :]]
@@ -231,7 +236,13 @@ def model_crops(
         ``(y0, y1, x0, x1)`` in tile coordinates (the whole tile where nothing is blurred).
     """
     cells = _cells_to_refocus(fmap, blur_stops, grow_cells, min_region_cells)
-    cell = fmap.cell_px
+    return _crops_over(cells, fmap.cell_px, plan, multiple_px, whole_fraction)
+
+
+def _crops_over(
+    cells: np.ndarray, cell: int, plan: TilePlan, multiple_px: int, whole_fraction: float
+) -> np.ndarray:
+    """Crops of the tiles around ``cells`` (:func:`model_crops`)."""
     tile_h, tile_w = plan.tile_hw
     # past the cells' smooth weight (half a cell) and the crop's ramp, whatever the overlap
     context = max(plan.grid.overlap_px, cell)
@@ -287,9 +298,14 @@ def select_tiles(
     -------
     TilePlan
     """
-    need = tiles_needing_model(fmap, plan, blur_stops=blur_stops)
-    crops = model_crops(fmap, plan, blur_stops=blur_stops) if crop else None
+    # the cells of tiles_needing_model and model_crops with their defaults, found once
     cells = _cells_to_refocus(fmap, blur_stops, 1, MIN_REGION_CELLS)
+    need = _tiles_over(cells, fmap.cell_px, plan)
+    crops = (
+        _crops_over(cells, fmap.cell_px, plan, CROP_MULTIPLE_PX, CROP_WHOLE_FRACTION)
+        if crop
+        else None
+    )
     return replace(plan, tissue=plan.tissue & need, crops=crops, cells=cells,
                    cell_px=fmap.cell_px)  # fmt: skip
 
