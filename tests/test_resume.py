@@ -50,19 +50,19 @@ def cli(*args: str, wait: bool = True):
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
-def kill_midway(process: subprocess.Popen, out: Path, n_total: int) -> int:
-    """SIGKILL ``process`` once a few chunks are stored; return how many were."""
+def kill_midway(process: subprocess.Popen, out: Path, n_total: int, min_done: int = 3) -> int:
+    """SIGKILL ``process`` once ``min_done`` chunks are stored; return how many were."""
     progress = ChunkProgress(out)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
-        if len(progress.done()) >= 3:
+        if len(progress.done()) >= min_done:
             break
         time.sleep(0.005)
     assert process.poll() is None, "the run ended before it could be interrupted"
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
     n_done = len(progress.done())
-    assert 3 <= n_done < n_total, n_done
+    assert min_done <= n_done < n_total, n_done
     return n_done
 
 
@@ -144,3 +144,41 @@ def test_resume_with_other_settings_is_refused_and_a_finished_store_is_left_alon
     refused = cli("run", str(slide), str(foreign), "--model", str(model), "--resume")
     assert refused.returncode == 2 and "not an interrupted wsi-deepr run" in refused.stderr
     assert {p: p.read_bytes() for p in foreign.rglob("*") if p.is_file()} == before
+
+
+def test_sigkilled_only_blurred_run_resumes_to_the_uninterrupted_result(
+    tmp_path, tmp_path_factory, model
+):
+    """``--only-blurred``: the resumed store equals an uninterrupted run's, pixel for pixel,
+    and the model ran only over the blurred half, in the killed and the resumed run alike."""
+    from scipy import ndimage
+
+    image = synthetic_tissue((1500, 1450), seed=12)
+    # the lower half out of focus (a Gaussian of 6 px, 3 um), the upper half sharp
+    image[:, 750:] = ndimage.gaussian_filter(image[:, 750:].astype(np.float32), (0, 6, 6)).round()
+    slide = make_tiff_slide(tmp_path_factory.mktemp("half") / "half.tif", image, MPP)
+    args = ("run", str(slide), "--model", str(model), *TILE, *CHUNKS, "--only-blurred")
+    reference = tmp_path / "reference.zarr"
+    done = cli(*args[:2], str(reference), *args[2:])
+    assert done.returncode == 0, done.stderr
+    full = json.loads((reference / "report.json").read_text())["extra"]
+    selected = full["focus_qc"]["only_blurred"]
+    assert 0 < selected["tiles_refocused"] < selected["tiles_tissue"], selected
+
+    out = tmp_path / "out.zarr"
+    process = cli(*args[:2], str(out), *args[2:], wait=False)
+    # past the sharp upper two rows of chunks (pass-through), into the refocused ones
+    n_done = kill_midway(process, out, n_total=25, min_done=15)
+    resumed = cli(*args[:2], str(out), *args[2:], "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    got, want = store_contents(out), store_contents(reference)
+    for name, pixels in want["levels"].items():
+        np.testing.assert_array_equal(got["levels"][name], pixels, err_msg=name)
+    assert got["attrs"]["wsi_deepr"] == want["attrs"]["wsi_deepr"]
+    extra = json.loads((out / "report.json").read_text())["extra"]
+    assert extra["chunks_reused"] >= n_done
+    assert extra["tiles_run_now"] < full["tiles_run_now"]  # refocused chunks were kept
+    # the sharp upper half is the input, bit for bit, beyond the blend's reach (a cell
+    # and the 16 um fade, 50 px here) above the blurred half
+    np.testing.assert_array_equal(got["levels"]["s0"][:, :650], image[:, :650])
+    assert not np.array_equal(got["levels"]["s0"][:, 800:], image[:, 800:])
