@@ -178,7 +178,9 @@ def test_demo_writes_its_outputs_and_reports_ssim(tmp_path, models, monkeypatch)
     """With an identity model as the 'shipped' one, SSIM after equals SSIM before."""
     import json
 
-    from wsi_deepr.cli.demo import run_demo
+    import tifffile
+
+    from wsi_deepr.cli.demo import SAMPLE, run_demo
 
     folder = tmp_path / "models"
     make_identity_model(folder / "he-identity.onnx")
@@ -195,6 +197,15 @@ def test_demo_writes_its_outputs_and_reports_ssim(tmp_path, models, monkeypatch)
     bands = result["bands"]
     assert [b["defocus_um"][0] for b in bands] == [-3.0, -2.0, -1.0, 0.0, 1.0, 2.0]
     assert all(b["ssim_after"] == pytest.approx(b["ssim_before"], abs=1e-9) for b in bands)
+    assert all(b["rmse_after"] == pytest.approx(b["rmse_before"], abs=1e-9) for b in bands)
+    # RMSE in grey levels, against a direct computation over the whole image
+    truth = np.asarray(open_slide(SAMPLE).data.compute())
+    y0, x0 = (truth.shape[1] - 400) // 2, (truth.shape[2] - 400) // 2
+    truth = truth[:, y0 : y0 + 400, x0 : x0 + 400].astype(np.float64)
+    defocused = np.moveaxis(tifffile.imread(tmp_path / "demo" / "defocused.tif"), -1, 0)
+    direct = np.sqrt(((defocused - truth) ** 2).mean())
+    assert result["rmse_before"] == pytest.approx(direct, rel=1e-9)
+    assert result["rmse_after"] == pytest.approx(result["rmse_before"], abs=1e-9)
     # the blur grows away from focus
     assert bands[0]["ssim_before"] < bands[2]["ssim_before"]
     assert bands[-1]["ssim_before"] < bands[3]["ssim_before"]

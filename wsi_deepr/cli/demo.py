@@ -55,8 +55,9 @@ def run_demo(
     Returns
     -------
     dict
-        ``ssim_before``, ``ssim_after``, ``bands`` (the two per 1-um band of the tilt's
-        defocus), ``s_per_mm2``, ``report`` and the paths.
+        ``ssim_before``, ``ssim_after``, ``rmse_before``, ``rmse_after`` (grey levels of
+        8 bits), ``bands`` (the four per 1-um band of the tilt's defocus),
+        ``s_per_mm2``, ``report`` and the paths.
     """
     import tifffile
     from skimage.metrics import structural_similarity
@@ -122,8 +123,13 @@ def run_demo(
         )
         return float(value), local.mean(axis=0)
 
+    def squared_error(image: np.ndarray) -> np.ndarray:
+        diff = image.astype(np.float64) - truth.astype(np.float64)
+        return np.asarray((diff * diff).mean(axis=0))
+
     before, before_map = ssim(defocused)
     after, after_map = ssim(refocused)
+    before_se, after_se = squared_error(defocused), squared_error(refocused)
     # SSIM per 1-um band of the tilt's defocus (the map averaged over the band's pixels)
     first = math.floor(float(defocus_map.min()) + 1e-6)
     n_bands = max(1, math.ceil(float(defocus_map.max()) - 1e-6) - first)
@@ -134,13 +140,17 @@ def run_demo(
         if inside.any():
             bands.append({"defocus_um": [float(first + k), float(first + k + 1)],
                           "ssim_before": float(before_map[inside].mean()),
-                          "ssim_after": float(after_map[inside].mean())})  # fmt: skip
+                          "ssim_after": float(after_map[inside].mean()),
+                          "rmse_before": math.sqrt(float(before_se[inside].mean())),
+                          "rmse_after": math.sqrt(float(after_se[inside].mean()))})  # fmt: skip
 
     png = out_dir / "side_by_side.png"
     _side_by_side(png, [defocused, refocused, truth], defocus_map)
     return {
         "ssim_before": before,
         "ssim_after": after,
+        "rmse_before": math.sqrt(float(before_se.mean())),
+        "rmse_after": math.sqrt(float(after_se.mean())),
         "bands": bands,
         "s_per_mm2": report.s_per_mm2,
         "max_defocus_um": max_defocus_um,
@@ -198,11 +208,16 @@ def demo(
         f"after {result['ssim_after']:.3f} (tilt {result['tilt_deg']:.3f} deg, "
         f"defocus +-{result['max_defocus_um']:g} um)"
     )
+    click.echo(
+        f"RMSE (grey levels): before {result['rmse_before']:.2f}, after {result['rmse_after']:.2f}"
+    )
+    click.echo("per 1-um band of the tilt: SSIM before -> after, RMSE before -> after")
     for band in result["bands"]:
         lo, hi = band["defocus_um"]
         click.echo(
             f"  z {lo:+g}..{hi:+g} um: {band['ssim_before']:.3f} -> {band['ssim_after']:.3f} "
-            f"({band['ssim_after'] - band['ssim_before']:+.3f})"
+            f"({band['ssim_after'] - band['ssim_before']:+.3f}), "
+            f"{band['rmse_before']:.2f} -> {band['rmse_after']:.2f}"
         )
     click.echo(f"{result['report'].s_per_mm2:.2f} s/mm2 ({result['report'].provider})")
     click.echo(f"wrote {result['zarr']} and {result['png']}")
