@@ -130,30 +130,40 @@ def test_default_and_unknown_names_use_the_shipped_models(tmp_path, monkeypatch)
         resolve_model(None, make_slide(1, modality="fluorescence"))
 
 
+def checked(*ssim_delta: float) -> dict:
+    """A card's ``validation`` with the int8 check's SSIM change at each defocus."""
+    rows = [{"defocus_um": float(k), "ssim_delta": d} for k, d in enumerate(ssim_delta)]
+    return {"vs_full": rows}
+
+
 def test_default_model_is_the_int8_variant_on_the_cpu_only(tmp_path, monkeypatch):
     models = tmp_path / "models"
     card = {"modality": "brightfield", "channels": ["R", "G", "B"], "in_channels": 3}
-    for name, variant in (
-        ("he-full", {}),
-        ("he-full-int8", {"precision": "int8", "of": "he-full"}),
-        ("aa-he-other-int8", {"precision": "int8", "of": "aa-he-other"}),
+    for name, variant, validation in (
+        ("he-full", {}, {}),
+        ("he-full-int8", {"precision": "int8", "of": "he-full"}, checked(-0.004, -0.0099)),
+        ("aa-he-other-int8", {"precision": "int8", "of": "aa-he-other"}, checked(0.001, -0.002)),
+        # lose too much at one defocus, or record no check: never the default
+        ("a-he-lossy-int8", {"precision": "int8", "of": "a-he-lossy"}, checked(-0.003, -0.0101)),
+        ("a-he-unchecked-int8", {"precision": "int8", "of": "a-he-unchecked"}, {}),
     ):
         make_identity_model(models / f"{name}.onnx")
-        values = {**card, "name": name, "file": f"{name}.onnx", "variant": variant}
+        values = {**card, "name": name, "file": f"{name}.onnx", "variant": variant,
+                  "validation": validation}  # fmt: skip
         (models / f"{name}.json").write_text(json.dumps(values))
     monkeypatch.setenv("WSI_DEEPR_MODELS", str(models))
     slide = make_slide()
-    # int8 first on the CPU (by name among int8 variants), full precision on GPUs and
-    # when the provider is unknown
+    # int8 first on the CPU (by name among the int8 variants close to their full model),
+    # full precision on GPUs and when the provider is unknown
     assert resolve_model(None, slide, provider=CPU).card.name == "aa-he-other-int8"
     assert resolve_model(None, slide, provider=CUDA).card.name == "he-full"
     assert resolve_model(None, slide).card.name == "he-full"
     # a name is taken as given, whatever the provider
     assert resolve_model("he-full", slide, provider=CPU).card.name == "he-full"
+    assert resolve_model("a-he-lossy-int8", slide, provider=CPU).card.name == "a-he-lossy-int8"
     (models / "aa-he-other-int8.json").unlink()
     assert resolve_model(None, slide, provider=CPU).card.name == "he-full-int8"
-    for name in ("he-full-int8",):
-        (models / f"{name}.json").unlink()
+    (models / "he-full-int8.json").unlink()
     assert resolve_model(None, slide, provider=CPU).card.name == "he-full"
 
 

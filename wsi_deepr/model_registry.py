@@ -299,7 +299,9 @@ def resolve_model(
     provider : str, optional
         The ONNX Runtime execution provider the model will run on. Without a model name,
         it picks among the shipped variants of a model (:func:`default_precision`): the
-        int8 variant on the CPU, full precision elsewhere (and when not given).
+        int8 variant on the CPU where its card shows it within
+        :data:`INT8_DEFAULT_MAX_SSIM_LOSS` of the full model, full precision otherwise,
+        elsewhere and when not given.
 
     Returns
     -------
@@ -357,14 +359,37 @@ def precision_of(card: ModelCard) -> str:
 def default_precision(provider: str | None) -> str:
     """The precision of the shipped variant a run on ``provider`` gets by default.
 
-    On the CPU the static int8 variant (about 1.5x faster on AVX2, and its SSIM within
-    0.001 of the full model's at every evaluated defocus, recorded in its card); on GPU
-    providers, and when the provider is not known, the full-precision model (CUDA runs
-    QDQ int8 graphs no faster, TensorRT builds its own fp16 engine from it).
+    On the CPU the static int8 variant (about 1.5x faster on AVX2), where its card shows it
+    close enough to the full model (:func:`int8_fits_default`); on GPU providers, and when
+    the provider is not known, the full-precision model (CUDA runs QDQ int8 graphs no
+    faster, TensorRT builds its own fp16 engine from it).
     """
     from wsi_deepr.inference import CPU
 
     return "int8" if provider == CPU else "fp32"
+
+
+INT8_DEFAULT_MAX_SSIM_LOSS = 0.01
+"""Largest SSIM loss against its full model, at the worst defocus its card records, at which
+a shipped int8 variant is still the CPU default: half the 0.02 an in-focus image may lose."""
+
+
+def variant_ssim_loss(card: ModelCard) -> float | None:
+    """SSIM the variant loses against its full model at its worst recorded defocus.
+
+    From the check ``wsi-deepr quantize`` records in the card (``validation.vs_full``);
+    ``None`` when the card records none.
+    """
+    rows = card.validation.get("vs_full") if isinstance(card.validation, dict) else None
+    deltas = [float(r["ssim_delta"]) for r in rows or () if "ssim_delta" in r]
+    return max(0.0, -min(deltas)) if deltas else None
+
+
+def int8_fits_default(card: ModelCard) -> bool:
+    """Whether an int8 variant may be the CPU default: a recorded check, losing at most
+    :data:`INT8_DEFAULT_MAX_SSIM_LOSS` at every defocus."""
+    loss = variant_ssim_loss(card)
+    return loss is not None and loss <= INT8_DEFAULT_MAX_SSIM_LOSS
 
 
 def _find(
@@ -373,6 +398,16 @@ def _find(
     shipped = shipped_cards()
     if name_or_path is None:
         fitting = [(c, p) for c, p in shipped.values() if c.modality == slide.modality]
+        lossy = [c for c, _ in fitting if precision_of(c) == "int8" and not int8_fits_default(c)]
+        for card in lossy:
+            loss = variant_ssim_loss(card)
+            LOG.info(
+                "model %s: not the default, it loses %s SSIM against its full model (limit %g)",
+                card.name,
+                "an unrecorded" if loss is None else f"{loss:.4f}",
+                INT8_DEFAULT_MAX_SSIM_LOSS,
+            )
+        fitting = [cp for cp in fitting if cp[0] not in lossy]
         wanted = default_precision(provider)
         fitting.sort(
             key=lambda cp: (
