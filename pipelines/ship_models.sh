@@ -29,7 +29,9 @@ wsi-deepr export runs/deepr-he-20x-kohler/checkpoint.pt models/deepr-he-20x.onnx
 # deepr-fluo-40x ships the fluorescence generator started from the Köhler H&E one
 # (fluo-40x-transfer.toml; the from-scratch fluo-40x run learned nothing).
 wsi-deepr export runs/deepr-fluo-40x-tr/checkpoint.pt models/deepr-fluo-40x.onnx --name deepr-fluo-40x --overwrite
-# The int8 variants `wsi-deepr run` takes by default on the CPU: calibrated on train-split
-# tiles, each checked against its full model on the whole held-out set (card: variant).
+# The int8 variants: calibrated on train-split tiles, each checked against its full model
+# on the whole held-out set (card: variant, validation.vs_full). `wsi-deepr run` takes one by
+# default on the CPU only where that check is within 0.01 SSIM at every defocus
+# (model_registry.int8_fits_default): deepr-he-20x-int8 is, deepr-fluo-40x-int8 is not.
 wsi-deepr quantize deepr-he-20x models/deepr-he-20x-int8.onnx --method Percentile --tiles 128 --full-check --overwrite
 wsi-deepr quantize deepr-fluo-40x models/deepr-fluo-40x-int8.onnx --method Percentile --full-check --overwrite

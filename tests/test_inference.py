@@ -14,7 +14,7 @@ from tiny_models import make_blur_model, make_identity_model, make_scale_model
 from wsi_deepr import inference
 from wsi_deepr.errors import ModelError, OptionError
 from wsi_deepr.inference import CPU, CUDA, Predictor, get_session, plan_threads, select_provider
-from wsi_deepr.model_registry import resolve_model
+from wsi_deepr.model_registry import file_sha256, resolve_model
 from wsi_deepr.slide import Slide
 
 
@@ -139,9 +139,14 @@ def checked(*ssim_delta: float) -> dict:
 def test_default_model_is_the_int8_variant_on_the_cpu_only(tmp_path, monkeypatch):
     models = tmp_path / "models"
     card = {"modality": "brightfield", "channels": ["R", "G", "B"], "in_channels": 3}
+    full_sha256 = file_sha256(make_identity_model(models / "he-full.onnx"))
     for name, variant, validation in (
         ("he-full", {}, {}),
-        ("he-full-int8", {"precision": "int8", "of": "he-full"}, checked(-0.004, -0.0099)),
+        (
+            "he-full-int8",
+            {"precision": "int8", "of": "he-full", "of_sha256": full_sha256},
+            checked(-0.004, -0.0099),
+        ),
         ("aa-he-other-int8", {"precision": "int8", "of": "aa-he-other"}, checked(0.001, -0.002)),
         # lose too much at one defocus, or record no check: never the default
         ("a-he-lossy-int8", {"precision": "int8", "of": "a-he-lossy"}, checked(-0.003, -0.0101)),
@@ -150,6 +155,8 @@ def test_default_model_is_the_int8_variant_on_the_cpu_only(tmp_path, monkeypatch
         make_identity_model(models / f"{name}.onnx")
         values = {**card, "name": name, "file": f"{name}.onnx", "variant": variant,
                   "validation": validation}  # fmt: skip
+        if name == "he-full":
+            values["sha256"] = full_sha256
         (models / f"{name}.json").write_text(json.dumps(values))
     monkeypatch.setenv("WSI_DEEPR_MODELS", str(models))
     slide = make_slide()
@@ -165,6 +172,42 @@ def test_default_model_is_the_int8_variant_on_the_cpu_only(tmp_path, monkeypatch
     assert resolve_model(None, slide, provider=CPU).card.name == "he-full-int8"
     (models / "he-full-int8.json").unlink()
     assert resolve_model(None, slide, provider=CPU).card.name == "he-full"
+    # where only a variant too far from its full model is shipped, it still runs
+    (models / "he-full.json").unlink()
+    (models / "a-he-unchecked-int8.json").unlink()
+    for provider in (CPU, CUDA, None):
+        assert resolve_model(None, slide, provider=provider).card.name == "a-he-lossy-int8"
+
+
+@pytest.mark.parametrize(
+    ("validation", "full_sha256", "fits"),
+    [
+        ({"vs_full": [{"ssim_delta": -0.004}, {"ssim_delta": 0.009}]}, "abc", True),
+        ({"vs_full": [{"ssim_delta": -0.004}, {"ssim_delta": 0.011}]}, "abc", False),
+        ({"vs_full": [{"ssim_delta": -0.004}]}, "other", False),  # a check of another model
+        ({"vs_full": [{"ssim_delta": -0.004}, {"ssim_delta": None}]}, "abc", False),
+        ({"vs_full": [{"ssim_delta": float("nan")}, {"ssim_delta": 0.0}]}, "abc", False),
+        ({"vs_full": [{"ssim_delta": 0.0}, {"defocus_um": 1.0}]}, "abc", False),
+        ({"vs_full": [{"ssim_delta": 0.0}, None]}, "abc", False),
+        ({"vs_full": {"ssim_delta": 0.0}}, "abc", False),
+        ({"vs_full": []}, "abc", False),
+        ({}, "abc", False),
+    ],
+)
+def test_an_int8_variant_is_the_default_only_with_a_current_check_within_the_slack(
+    validation, full_sha256, fits
+):
+    from wsi_deepr.model_registry import ModelCard, int8_fits_default
+
+    base = {"modality": "brightfield", "channels": ["R", "G", "B"], "in_channels": 3}
+    full = ModelCard.from_dict({**base, "name": "m", "file": "m.onnx", "sha256": full_sha256},
+                               source="m.json")  # fmt: skip
+    variant = ModelCard.from_dict(
+        {**base, "name": "m-int8", "file": "m-int8.onnx", "validation": validation,
+         "variant": {"precision": "int8", "of": "m", "of_sha256": "abc"}},
+        source="m-int8.json",
+    )  # fmt: skip
+    assert int8_fits_default(variant, full) is fits
 
 
 def test_threads_fit_the_cores():

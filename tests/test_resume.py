@@ -177,8 +177,11 @@ def test_sigkilled_only_blurred_run_resumes_to_the_uninterrupted_result(
     assert got["attrs"]["wsi_deepr"] == want["attrs"]["wsi_deepr"]
     extra = json.loads((out / "report.json").read_text())["extra"]
     assert extra["chunks_reused"] >= n_done
-    assert extra["tiles_run_now"] < full["tiles_run_now"]  # refocused chunks were kept
-    # the sharp upper half is the input, bit for bit, beyond the blend's reach (a cell
-    # and the 16 um fade, 50 px here) above the blurred half
+    # the model ran over the blurred half only, and the resumed run only where the killed
+    # one had not finished
+    assert full["tiles_run_now"] == selected["tiles_refocused"]
+    assert 0 < extra["tiles_run_now"] < selected["tiles_refocused"]
+    # the sharp upper half is the input, bit for bit, beyond the blend's reach above the
+    # blurred half (one cell of growth and the 16 um fade, about 50 px here)
     np.testing.assert_array_equal(got["levels"]["s0"][:, :650], image[:, :650])
     assert not np.array_equal(got["levels"]["s0"][:, 800:], image[:, 800:])

@@ -206,6 +206,11 @@ def test_demo_writes_its_outputs_and_reports_ssim(tmp_path, models, monkeypatch)
     direct = np.sqrt(((defocused - truth) ** 2).mean())
     assert result["rmse_before"] == pytest.approx(direct, rel=1e-9)
     assert result["rmse_after"] == pytest.approx(result["rmse_before"], abs=1e-9)
+    # and per band: the band of z in [-3, -2) um, its rows found from the tilt independently
+    z_of_row = np.linspace(-3.0, 3.0, 400)
+    rows = (z_of_row >= -3.0) & (z_of_row < -2.0)
+    band = np.sqrt(((defocused - truth)[:, rows] ** 2).mean())
+    assert bands[0]["rmse_before"] == pytest.approx(band, rel=0.01)
     # the blur grows away from focus
     assert bands[0]["ssim_before"] < bands[2]["ssim_before"]
     assert bands[-1]["ssim_before"] < bands[3]["ssim_before"]

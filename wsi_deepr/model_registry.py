@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import wsi_deepr
 from wsi_deepr.errors import ModelError, OptionError
+from wsi_deepr.evaluation_summary import VARIANT_SLACK
 
 if TYPE_CHECKING:
     from wsi_deepr.slide import Slide
@@ -300,7 +301,7 @@ def resolve_model(
         The ONNX Runtime execution provider the model will run on. Without a model name,
         it picks among the shipped variants of a model (:func:`default_precision`): the
         int8 variant on the CPU where its card shows it within
-        :data:`INT8_DEFAULT_MAX_SSIM_LOSS` of the full model, full precision otherwise,
+        0.01 SSIM of the full model (:func:`int8_fits_default`), full precision otherwise,
         elsewhere and when not given.
 
     Returns
@@ -369,27 +370,30 @@ def default_precision(provider: str | None) -> str:
     return "int8" if provider == CPU else "fp32"
 
 
-INT8_DEFAULT_MAX_SSIM_LOSS = 0.01
-"""Largest SSIM loss against its full model, at the worst defocus its card records, at which
-a shipped int8 variant is still the CPU default: half the 0.02 an in-focus image may lose."""
+def variant_ssim_disagreement(card: ModelCard, full: ModelCard | None = None) -> float | None:
+    """Largest SSIM difference between a variant's output and its full model's, any defocus.
 
-
-def variant_ssim_loss(card: ModelCard) -> float | None:
-    """SSIM the variant loses against its full model at its worst recorded defocus.
-
-    From the check ``wsi-deepr quantize`` records in the card (``validation.vs_full``);
-    ``None`` when the card records none.
+    From the check ``wsi-deepr quantize`` records in the card (``validation.vs_full``: one
+    row per defocus, each with a finite ``ssim_delta``). ``None`` (unchecked) when the card
+    records no such check, a row lacks a finite ``ssim_delta``, or ``full`` (the variant's
+    full model, where known) is not the model the check was made against (its sha256).
     """
+    if full is not None and full.sha256 != card.variant.get("of_sha256"):
+        return None
     rows = card.validation.get("vs_full") if isinstance(card.validation, dict) else None
-    deltas = [float(r["ssim_delta"]) for r in rows or () if "ssim_delta" in r]
-    return max(0.0, -min(deltas)) if deltas else None
+    if not isinstance(rows, list) or not rows:
+        return None
+    deltas = [r.get("ssim_delta") if isinstance(r, dict) else None for r in rows]
+    if not all(isinstance(d, int | float) and math.isfinite(d) for d in deltas):
+        return None
+    return max(abs(float(d)) for d in deltas)  # type: ignore[arg-type]
 
 
-def int8_fits_default(card: ModelCard) -> bool:
-    """Whether an int8 variant may be the CPU default: a recorded check, losing at most
-    :data:`INT8_DEFAULT_MAX_SSIM_LOSS` at every defocus."""
-    loss = variant_ssim_loss(card)
-    return loss is not None and loss <= INT8_DEFAULT_MAX_SSIM_LOSS
+def int8_fits_default(card: ModelCard, full: ModelCard | None = None) -> bool:
+    """Whether an int8 variant may be the CPU default: a recorded check within
+    :data:`wsi_deepr.evaluation_summary.VARIANT_SLACK` of its full model at every defocus."""
+    disagreement = variant_ssim_disagreement(card, full)
+    return disagreement is not None and disagreement <= VARIANT_SLACK
 
 
 def _find(
@@ -398,20 +402,28 @@ def _find(
     shipped = shipped_cards()
     if name_or_path is None:
         fitting = [(c, p) for c, p in shipped.values() if c.modality == slide.modality]
-        lossy = [c for c, _ in fitting if precision_of(c) == "int8" and not int8_fits_default(c)]
-        for card in lossy:
-            loss = variant_ssim_loss(card)
-            LOG.info(
-                "model %s: not the default, it loses %s SSIM against its full model (limit %g)",
-                card.name,
-                "an unrecorded" if loss is None else f"{loss:.4f}",
-                INT8_DEFAULT_MAX_SSIM_LOSS,
-            )
-        fitting = [cp for cp in fitting if cp[0] not in lossy]
         wanted = default_precision(provider)
+
+        def full_of(card: ModelCard) -> ModelCard | None:
+            return shipped.get(str(card.variant.get("of")), (None,))[0]
+
+        def unfit(card: ModelCard) -> bool:  # an int8 variant too far from its full model
+            return precision_of(card) == "int8" and not int8_fits_default(card, full_of(card))
+
+        if wanted == "int8":
+            for card in (c for c, _ in fitting if unfit(c)):
+                disagreement = variant_ssim_disagreement(card, full_of(card))
+                LOG.info(
+                    "model %s: not the default, its output differs from its full model's "
+                    "by %s SSIM (limit %g; unchecked: no check recorded for this full model)",
+                    card.name,
+                    "an unchecked" if disagreement is None else f"{disagreement:.4f}",
+                    VARIANT_SLACK,
+                )
         fitting.sort(
             key=lambda cp: (
                 cp[0].in_channels != slide.n_channels,
+                unfit(cp[0]),  # last, yet still a model where nothing else is shipped
                 precision_of(cp[0]) != wanted,
                 precision_of(cp[0]) != "fp32",  # else full precision before other variants
                 cp[0].name,

@@ -6,8 +6,8 @@ light between sRGB decoding and encoding) as a sample tilted
 along y (defocus from ``-max`` to ``+max`` micrometres), writes that as a tiled TIFF
 slide, runs :func:`refocus_slide` on it with the default shipped model, and writes
 ``OUTDIR/out.zarr``, ``OUTDIR/side_by_side.png`` (input | output | ground truth, a
-full-resolution crop of the most defocused band) and prints SSIM before and after and
-s/mm2.
+full-resolution crop of the most defocused band) and prints SSIM and RMSE before and
+after (overall and per 1-um band of the tilt) and s/mm2.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ def run_demo(
     -------
     dict
         ``ssim_before``, ``ssim_after``, ``rmse_before``, ``rmse_after`` (grey levels of
-        8 bits), ``bands`` (the four per 1-um band of the tilt's defocus),
+        8 bits), ``bands`` (per 1-um band of the tilt's defocus, the band and those four
+        figures over its pixels),
         ``s_per_mm2``, ``report`` and the paths.
     """
     import tifffile
