@@ -115,7 +115,7 @@ def defocus_inside(
     from wsi_deepr import physics
 
     # brightfield under Köhler illumination, as the evaluation and the QC estimate image it
-    optics = physics.brightfield_optics(NA, mpp, condenser_na=physics.typical_condenser_na(NA))
+    optics = physics.scanner_optics(NA, mpp)
     halo_px = 2 * max(physics.psf(o, z_um).shape[0] // 2 for o in optics)
     height_px, width_px = image_u8.shape[1:]
     y0, x0 = origin_yx

@@ -48,9 +48,7 @@ def main() -> None:
         sharp = np.asarray(slide.data.compute())[:3].astype(np.float32) / 255.0
         mask = tissue_mask(slide)
         reference = focus_map(scan_slide(slide, mask, coarse_spectra=False))
-        optics = physics.brightfield_optics(
-            NA, slide.mpp, condenser_na=physics.typical_condenser_na(NA)
-        )
+        optics = physics.scanner_optics(NA, slide.mpp)
         linear = srgb_to_linear(sharp)
         cells = []
         for z in Z_UM:

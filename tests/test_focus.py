@@ -34,11 +34,6 @@ CROP = (slice(1424, 2960), slice(400, 1936))
 NA = 0.75
 
 
-def kohler(na: float, mpp: float, **kw) -> tuple:
-    """Brightfield optics under Köhler illumination with a typical condenser."""
-    return physics.brightfield_optics(na, mpp, condenser_na=physics.typical_condenser_na(na), **kw)
-
-
 def ellipse(shape_yx: tuple[int, int], centre: tuple[int, int], radii: tuple[int, int]):
     yy, xx = np.mgrid[: shape_yx[0], : shape_yx[1]]
     return ((yy - centre[0]) / radii[0]) ** 2 + ((xx - centre[1]) / radii[1]) ** 2 <= 1.0
@@ -56,7 +51,7 @@ def defocus_patch(
     """The image with ``patch`` put ``z_um`` out of focus (uint8, like a scan), imaged in
     brightfield under Köhler illumination (condenser at 2/3 of the objective's NA)."""
     scan = image_u8.astype(np.float32) / 255.0
-    optics = kohler(na, mpp, spherical_waves=spherical_waves)
+    optics = physics.scanner_optics(na, mpp, spherical_waves=spherical_waves)
     depth = np.where(patch, z_um, 0.0)
     blurred = physics.defocus_image(scan, depth, optics=optics, z_step_um=abs(z_um))
     out = np.where(patch, blurred, scan)
@@ -93,7 +88,7 @@ def test_map_finds_the_patch_and_its_defocus_on_real_tissue(tmp_path, cmu1_crop,
     fmap = focus_map(spectra)
     iou = iou_on_tissue(fmap, patch)
     assert iou >= 0.8, f"IoU {iou:.3f} at z = {z_um} um"
-    dmap = estimate_defocus(spectra, fmap, kohler(NA, slide.mpp))
+    dmap = estimate_defocus(spectra, fmap, physics.scanner_optics(NA, slide.mpp))
     regions = region_summary(fmap.blurred(), fmap, dmap)
     largest = regions[0]
     print(f"z {z_um} um: IoU {iou:.3f}, estimated {largest['defocus_um']:.2f} um")
@@ -115,7 +110,7 @@ def test_estimate_holds_when_the_objective_differs_from_the_assumed(tmp_path, cm
     spectra = scan_slide(slide, tissue_mask(slide))
     fmap = focus_map(spectra)
     assert iou_on_tissue(fmap, patch) >= 0.8
-    dmap = estimate_defocus(spectra, fmap, kohler(NA, slide.mpp))
+    dmap = estimate_defocus(spectra, fmap, physics.scanner_optics(NA, slide.mpp))
     estimate = region_summary(fmap.blurred(), fmap, dmap)[0]["defocus_um"]
     print(f"NA {na}, z {z_um} um: estimated {estimate:.2f} um")
     assert abs(estimate - z_um) <= 1.0
@@ -144,7 +139,7 @@ def test_another_scanner_and_pixel_size(tmp_path):
     fmap = focus_map(spectra)
     assert fmap.cell_px == 72  # 16 um, analysed at 0.454 um/px (2 x 2 means)
     assert iou_on_tissue(fmap, patch) >= 0.8
-    dmap = estimate_defocus(spectra, fmap, kohler(NA, test.mpp))
+    dmap = estimate_defocus(spectra, fmap, physics.scanner_optics(NA, test.mpp))
     assert abs(region_summary(fmap.blurred(), fmap, dmap)[0]["defocus_um"] - 4.0) <= 1.0
 
 
@@ -159,7 +154,7 @@ def test_synthetic_tissue_patch_is_found(tmp_path):
     spectra = scan_slide(slide, tissue_mask(slide))
     fmap = focus_map(spectra)
     assert iou_on_tissue(fmap, patch) >= 0.7
-    dmap = estimate_defocus(spectra, fmap, kohler(NA, mpp))
+    dmap = estimate_defocus(spectra, fmap, physics.scanner_optics(NA, mpp))
     assert abs(region_summary(fmap.blurred(), fmap, dmap)[0]["defocus_um"] - 3.0) <= 1.5
 
 

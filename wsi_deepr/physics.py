@@ -160,6 +160,29 @@ def brightfield_optics(
     )
 
 
+def scanner_optics(na: float, mpp: float, *, spherical_waves: float = 0.0) -> tuple[Optics, ...]:
+    """Brightfield R, G and B optics as a slide scanner images H&E: Köhler illumination with
+    a typical condenser (:func:`typical_condenser_na`).
+
+    Parameters
+    ----------
+    na : float
+        Numerical aperture of the objective.
+    mpp : float
+        Pixel size in micrometres per pixel.
+    spherical_waves : float, optional
+        Primary spherical aberration in waves.
+
+    Returns
+    -------
+    tuple of Optics
+        :func:`brightfield_optics` with ``condenser_na=typical_condenser_na(na)``.
+    """
+    return brightfield_optics(
+        na, mpp, spherical_waves=spherical_waves, condenser_na=typical_condenser_na(na)
+    )
+
+
 def _psf_size_px(optics: Optics, defocus_um: float) -> int:
     """An odd PSF support that holds the blur disc and the Airy rings around it."""
     radius_um = optics.blur_radius_um(defocus_um) + 4.0 * optics.wavelength_um / optics.na

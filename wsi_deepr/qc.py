@@ -28,7 +28,7 @@ from wsi_deepr.defocus_estimate import (
 )
 from wsi_deepr.errors import OptionError, OutputError
 from wsi_deepr.focus import DEFAULT_BLUR_STOPS, FocusMap, coarse_of, focus_map, select_tiles
-from wsi_deepr.physics import Optics, brightfield_optics, typical_condenser_na
+from wsi_deepr.physics import Optics, scanner_optics
 from wsi_deepr.qc_store import write_maps
 from wsi_deepr.slide import Slide
 from wsi_deepr.spectra import SlideSpectra, full_scale_of, scan_slide
@@ -50,14 +50,14 @@ def optics_for(slide: Slide, na: float | None) -> tuple[Optics, ...]:
     """Per-channel optics at the slide's pixel size.
 
     Brightfield R/G/B under Köhler illumination with a typical condenser (2/3 of the
-    objective's NA, :func:`wsi_deepr.physics.typical_condenser_na`): stained tissue blurs
+    objective's NA, :func:`wsi_deepr.physics.scanner_optics`): stained tissue blurs
     with the illumination cone, not with the objective's incoherent PSF, which would put
     the estimate of a Köhler-blurred region at 5 um for a true 8 um. Fluorescence is
     incoherent.
     """
     aperture = float(na or DEFAULT_NA[slide.modality])
     if slide.modality == "brightfield" and slide.n_channels == 3:
-        return brightfield_optics(aperture, slide.mpp, condenser_na=typical_condenser_na(aperture))
+        return scanner_optics(aperture, slide.mpp)
     return tuple(
         Optics(aperture, FLUORESCENCE_EMISSION_UM, slide.mpp) for _ in range(slide.n_channels)
     )

@@ -272,7 +272,7 @@ def refocus_slide(
                 "dtype": str(slide.dtype),
                 "mpp": slide.mpp,
                 "normalization": normalization,
-                "tiles_run_sha256": hashlib.sha256(np.packbits(plan.tissue).tobytes()).hexdigest(),
+                "tiles_run_sha256": _digest(np.packbits(plan.tissue)),
                 # --only-blurred: which part of each tile ran and where its output is used
                 "crops_sha256": _digest(plan.crops),
                 "refocus_cells_sha256": _digest(plan.cells),

@@ -66,12 +66,7 @@ def run_demo(
     from wsi_deepr.errors import OutputError
     from wsi_deepr.model_registry import resolve_model
     from wsi_deepr.pairs import linear_to_srgb, srgb_to_linear
-    from wsi_deepr.physics import (
-        brightfield_optics,
-        defocus_image,
-        tilt_defocus_map,
-        typical_condenser_na,
-    )
+    from wsi_deepr.physics import defocus_image, scanner_optics, tilt_defocus_map
     from wsi_deepr.readers import open_slide
     from wsi_deepr.run import refocus_slide
 
@@ -98,7 +93,7 @@ def run_demo(
     blurred = defocus_image(
         srgb_to_linear(truth.astype(np.float32) / 255.0),
         defocus_map,
-        optics=brightfield_optics(na, mpp, condenser_na=typical_condenser_na(na)),
+        optics=scanner_optics(na, mpp),
         z_step_um=0.25,
     )
     defocused = np.clip(np.rint(linear_to_srgb(blurred) * 255.0), 0, 255).astype(np.uint8)
